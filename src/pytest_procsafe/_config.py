@@ -1,0 +1,292 @@
+"""Settings: CLI > ini > defaults, marker overrides, validation.
+
+Everything is resolved once per session into a frozen `Settings` kept in
+``config.stash``; a test's ``@pytest.mark.procsafe(...)`` marker derives a per-test copy.
+Bad values stop the run with a `pytest.UsageError` naming the option, the bad value and
+what is allowed; bad marker values are a collection error naming the keyword.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+from typing import Literal
+from typing import cast
+from typing import final
+
+import pytest
+
+from pytest_procsafe import _methods
+
+LeakMode = Literal["fail", "warn", "off"]
+CleanupMode = Literal["kill", "session", "keep"]
+
+LEAK_MODES: Final = ("fail", "warn", "off")
+CLEANUP_MODES: Final = ("auto", "kill", "session", "keep")
+#: Keywords ``@pytest.mark.procsafe(...)`` accepts.
+MARKER_KEYWORDS: Final = ("leaks", "start_methods", "timeout", "kill_grace", "ignore")
+
+DEFAULTS: Final[Mapping[str, str]] = {
+    "leaks": "warn",
+    "start_methods": "all",
+    "timeout": "30",
+    "kill_grace": "2",
+    "cleanup": "auto",
+}
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """procsafe's resolved settings for the session or for one test."""
+
+    leaks: LeakMode
+    start_methods: tuple[str, ...]
+    timeout: float
+    kill_grace: float
+    cleanup: CleanupMode
+    ignore: tuple[re.Pattern[str], ...]
+    report: Path | None
+
+    def header(self) -> str:
+        """The one line ``pytest_report_header`` shows."""
+        return (
+            f"procsafe: start methods {', '.join(self.start_methods)}; "
+            f"leaks {self.leaks}; timeout {_seconds(self.timeout)}"
+        )
+
+
+SETTINGS_KEY: Final = pytest.StashKey[Settings]()
+_ITEM_KEY: Final = pytest.StashKey[Settings]()
+
+
+class SettingError(ValueError):
+    """A bad value; the message names the option, the value and what is allowed."""
+
+
+# --- parsing of single values (shared by CLI, ini and marker) -----------------------------
+
+
+def parse_choice(option: str, value: object, allowed: Iterable[str]) -> str:
+    choices = tuple(allowed)
+    if not isinstance(value, str) or value.strip() not in choices:
+        raise SettingError(f"{option}: invalid value {value!r}; allowed: {', '.join(choices)}")
+    return value.strip()
+
+
+def parse_seconds(option: str, value: object, *, allow_zero: bool) -> float:
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, bool):
+        raise SettingError(
+            f"{option}: invalid value {value!r}; expected a number of seconds {bound}"
+        )
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise SettingError(
+                f"{option}: invalid value {value!r}; expected a number of seconds {bound}"
+            ) from None
+    else:
+        raise SettingError(
+            f"{option}: invalid value {value!r}; expected a number of seconds {bound}"
+        )
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        raise SettingError(
+            f"{option}: invalid value {value!r}; expected a number of seconds {bound}"
+        )
+    return number
+
+
+def parse_methods(
+    option: str, value: object, *, platform: Iterable[str] | None = None
+) -> tuple[str, ...]:
+    if not isinstance(value, (str, list, tuple)):
+        raise SettingError(
+            f"{option}: invalid value {value!r}; expected start methods out of "
+            f"{', '.join(_methods.KNOWN)} or 'all'"
+        )
+    try:
+        return _methods.parse(cast("str | Iterable[str]", value), platform=platform)
+    except _methods.MethodError as exc:
+        raise SettingError(f"{option}: {exc}") from None
+
+
+def parse_patterns(option: str, value: object) -> tuple[re.Pattern[str], ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise SettingError(
+            f"{option}: invalid value {value!r}; expected a regular expression or a list of them"
+        )
+    patterns = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise SettingError(
+                f"{option}: invalid pattern {item!r}; expected a non-empty regular expression "
+                "(searched in the process's command line)"
+            )
+        try:
+            patterns.append(re.compile(item))
+        except re.error as exc:
+            raise SettingError(f"{option}: invalid regular expression {item!r}: {exc}") from None
+    return tuple(patterns)
+
+
+def parse_report(option: str, value: str) -> Path:
+    if not value.strip():
+        raise SettingError(f"{option}: invalid value {value!r}; expected the path of a JSON file")
+    path = Path(value).expanduser().absolute()
+    if path.is_dir():
+        raise SettingError(f"{option}: {value!r} is a directory; expected the path of a JSON file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise SettingError(f"{option}: directory {str(parent)!r} of {value!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise SettingError(f"{option}: directory {str(parent)!r} of {value!r} is not writable")
+    return path
+
+
+# --- session settings -------------------------------------------------------------------
+
+
+def resolve(
+    cli: Callable[[str], object],
+    ini: Callable[[str], object],
+    *,
+    check_report: bool = True,
+) -> Settings:
+    """Resolve the session's settings; CLI beats ini beats the default.
+
+    ``cli(name)`` and ``ini(name)`` return the raw value or None when not given.
+    Raises `pytest.UsageError` on the first bad value.
+    """
+
+    def raw(name: str) -> tuple[str, object]:
+        value = cli(name)
+        if value is not None:
+            return f"--procsafe-{name.replace('_', '-')}", value
+        value = ini(name)
+        if value is not None:
+            return f"procsafe_{name} (ini)", value
+        return f"procsafe_{name} (default)", DEFAULTS.get(name)
+
+    try:
+        leaks = cast(LeakMode, parse_choice(*raw("leaks"), LEAK_MODES))
+        methods = parse_methods(*raw("start_methods"))
+        timeout = parse_seconds(*raw("timeout"), allow_zero=False)
+        grace = parse_seconds(*raw("kill_grace"), allow_zero=True)
+        cleanup = parse_choice(*raw("cleanup"), CLEANUP_MODES)
+        ignore: list[re.Pattern[str]] = []
+        for source in (ini, cli):  # ini patterns and CLI patterns both apply
+            value = source("ignore")
+            if value is not None:
+                name = "--procsafe-ignore" if source is cli else "procsafe_ignore (ini)"
+                ignore.extend(parse_patterns(name, value))
+        report_name, report_value = raw("report")
+        report = None
+        if report_value is not None:
+            if not isinstance(report_value, str):
+                raise SettingError(f"{report_name}: invalid value {report_value!r}")
+            report = (
+                parse_report(report_name, report_value) if check_report else Path(report_value)
+            )
+    except SettingError as exc:
+        raise pytest.UsageError(f"procsafe: {exc}") from None
+    if cleanup == "auto":
+        cleanup = "kill" if leaks == "fail" else "session"
+    return Settings(
+        leaks=leaks,
+        start_methods=methods,
+        timeout=timeout,
+        kill_grace=grace,
+        cleanup=cast(CleanupMode, cleanup),
+        ignore=tuple(ignore),
+        report=report,
+    )
+
+
+def session_settings(config: pytest.Config) -> Settings:
+    return config.stash[SETTINGS_KEY]
+
+
+# --- marker ---------------------------------------------------------------------------
+
+
+def marker_overrides(
+    markers: Iterable[pytest.Mark], base: Settings
+) -> tuple[Settings, tuple[str, ...] | None]:
+    """Apply ``procsafe`` markers (closest first, as ``iter_markers`` yields them).
+
+    Returns the test's settings and the marker's start methods (None when no marker set
+    them; they still have to be intersected with the session's selection). Raises
+    `SettingError` naming the keyword on bad input.
+    """
+    merged: dict[str, object] = {}
+    ignore: list[re.Pattern[str]] = []
+    for mark in markers:
+        if mark.args:
+            raise SettingError(
+                f"@pytest.mark.procsafe takes keyword arguments only "
+                f"({', '.join(MARKER_KEYWORDS)}), got positional {mark.args!r}"
+            )
+        for key, value in mark.kwargs.items():
+            if key not in MARKER_KEYWORDS:
+                raise SettingError(
+                    f"@pytest.mark.procsafe: unknown keyword {key!r}; "
+                    f"allowed: {', '.join(MARKER_KEYWORDS)}"
+                )
+            if key == "ignore":
+                ignore.extend(parse_patterns("@pytest.mark.procsafe(ignore=...)", value))
+            else:
+                merged.setdefault(key, value)  # the closest marker wins
+    changes: dict[str, object] = {}
+    where = "@pytest.mark.procsafe({}=...)"
+    if "leaks" in merged:
+        changes["leaks"] = parse_choice(where.format("leaks"), merged["leaks"], LEAK_MODES)
+    if "timeout" in merged:
+        changes["timeout"] = parse_seconds(
+            where.format("timeout"), merged["timeout"], allow_zero=False
+        )
+    if "kill_grace" in merged:
+        changes["kill_grace"] = parse_seconds(
+            where.format("kill_grace"), merged["kill_grace"], allow_zero=True
+        )
+    if ignore:
+        changes["ignore"] = base.ignore + tuple(ignore)
+    methods = None
+    if "start_methods" in merged:
+        # Validate the names only: a marker may name a method this platform lacks (a
+        # fork-only test on Windows); the intersection then skips it.
+        methods = parse_methods(
+            where.format("start_methods"), merged["start_methods"], platform=_methods.KNOWN
+        )
+    settings = dataclasses.replace(base, **changes) if changes else base  # type: ignore[arg-type]
+    return settings, methods
+
+
+def item_settings(item: pytest.Item) -> Settings:
+    """The settings for one test: the session's, with its markers applied (cached)."""
+    try:
+        return item.stash[_ITEM_KEY]
+    except KeyError:
+        pass
+    base = session_settings(item.config)
+    try:
+        settings, _ = marker_overrides(item.iter_markers("procsafe"), base)
+    except SettingError as exc:  # already reported at collection; keep teardown sane
+        raise pytest.UsageError(str(exc)) from None
+    item.stash[_ITEM_KEY] = settings
+    return settings
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"

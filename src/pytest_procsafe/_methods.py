@@ -1,0 +1,75 @@
+"""Start methods: which exist on this platform, selection, parametrization ids.
+
+The global start method is never read or set here: ``get_start_method(allow_none=True)``
+is ``None`` when unset, which does *not* mean fork, and Python 3.14 changed the Linux
+default to forkserver. Every fixture uses an explicit context instead.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+from collections.abc import Iterable
+from typing import Final
+
+#: Every start method procsafe knows, in the order tests are parametrized.
+KNOWN: Final = ("fork", "spawn", "forkserver")
+
+_SEPARATORS: Final = re.compile(r"[\s,]+")
+
+
+def available() -> tuple[str, ...]:
+    """The start methods this platform has, in procsafe's canonical order."""
+    have = set(multiprocessing.get_all_start_methods())
+    return tuple(method for method in KNOWN if method in have)
+
+
+class MethodError(ValueError):
+    """A start-method selection that cannot be honoured; the message says why."""
+
+
+def parse(value: str | Iterable[str], *, platform: Iterable[str] | None = None) -> tuple[str, ...]:
+    """Turn a selection (``"fork,spawn"``, ``"all"``, a list of names) into a tuple of methods.
+
+    The result keeps procsafe's canonical order (fork, spawn, forkserver) whatever order
+    the user wrote, so test ids are stable. Raises `MethodError` naming the bad value and
+    the allowed values.
+    """
+    here = tuple(platform) if platform is not None else available()
+    names = _split(value)
+    allowed = ", ".join((*KNOWN, "all"))
+    if not names:
+        raise MethodError(f"no start method given; allowed: {allowed}")
+    if "all" in names:
+        if len(names) > 1:
+            raise MethodError(f"'all' cannot be combined with other start methods: {names!r}")
+        return here
+    seen: set[str] = set()
+    for name in names:
+        if name not in KNOWN:
+            raise MethodError(f"unknown start method {name!r}; allowed: {allowed}")
+        if name in seen:
+            raise MethodError(f"start method {name!r} is given twice")
+        if name not in here:
+            raise MethodError(
+                f"start method {name!r} is not available on this platform; "
+                f"available here: {', '.join(here)}"
+            )
+        seen.add(name)
+    return tuple(method for method in KNOWN if method in seen)
+
+
+def _split(value: str | Iterable[str]) -> list[str]:
+    if isinstance(value, str):
+        return [part for part in _SEPARATORS.split(value.strip()) if part]
+    names: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise MethodError(f"start methods must be strings, got {item!r}")
+        names.extend(_split(item))
+    return names
+
+
+def intersect(selected: tuple[str, ...], wanted: tuple[str, ...]) -> tuple[str, ...]:
+    """The methods in both, in canonical order (a marker narrows the session's selection)."""
+    return tuple(method for method in selected if method in wanted)

@@ -1,0 +1,184 @@
+"""The ``pytest11`` entry point ``procsafe``: options, marker, fixtures and hook wiring.
+
+This module only wires; the work happens in the private modules, which have unit tests
+of their own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from multiprocessing.context import BaseContext
+from typing import Final
+
+import pytest
+
+from pytest_procsafe import _config
+from pytest_procsafe import _methods
+
+_METAVARS: Final = {
+    "leaks": "MODE",
+    "start_methods": "METHODS",
+    "timeout": "SECONDS",
+    "kill_grace": "SECONDS",
+    "cleanup": "POLICY",
+    "report": "PATH",
+}
+
+_HELP: Final = {
+    "leaks": (
+        "What to do about processes, zombies and orphans a test leaves behind: "
+        "fail, warn or off (default: warn)"
+    ),
+    "start_methods": (
+        "Start methods to run the mp_* fixtures under: a comma- or space-separated subset "
+        "of fork, spawn, forkserver, or all (default: all this platform has)"
+    ),
+    "timeout": "Seconds any procsafe wait may block before it fails, > 0 (default: 30)",
+    "kill_grace": ("Seconds between terminating a process and killing it, >= 0 (default: 2)"),
+    "cleanup": (
+        "When leaked processes are stopped: auto, kill (right after the report), "
+        "session (at session end) or keep (never); auto is kill under leaks=fail and "
+        "session under leaks=warn"
+    ),
+    "ignore": (
+        "Regular expression searched in a process's command line; matching processes are "
+        "never reported as leaks (repeatable)"
+    ),
+    "report": "Write a JSON report of the leaks found to this path",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("procsafe", "process safety (pytest-procsafe)")
+    for name, text in _HELP.items():
+        flag = "--procsafe-" + name.replace("_", "-")
+        if name == "ignore":
+            group.addoption(
+                flag,
+                action="append",
+                dest="procsafe_ignore",
+                default=None,
+                metavar="REGEX",
+                help=text,
+            )
+            parser.addini(
+                "procsafe_ignore", text + " (one per line)", type="linelist", default=None
+            )
+        else:
+            group.addoption(
+                flag, dest="procsafe_" + name, default=None, metavar=_METAVARS[name], help=text
+            )
+            parser.addini("procsafe_" + name, text, default=None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "procsafe(leaks=..., start_methods=..., timeout=..., kill_grace=..., ignore=...): "
+        "override pytest-procsafe's settings for the marked tests",
+    )
+
+    def cli(name: str) -> object:
+        return config.getoption("procsafe_" + name)
+
+    def ini(name: str) -> object:
+        value: object = config.getini("procsafe_" + name)
+        return None if value == [] and name == "ignore" else value
+
+    # xdist workers inherit the controller's options; only the controller writes the
+    # report, so only it needs the report path checked.
+    is_worker = hasattr(config, "workerinput")
+    config.stash[_config.SETTINGS_KEY] = _config.resolve(cli, ini, check_report=not is_worker)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return _config.session_settings(config).header()
+
+
+# --- start methods ----------------------------------------------------------------------
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    base = _config.session_settings(metafunc.config)
+    try:
+        _, wanted = _config.marker_overrides(metafunc.definition.iter_markers("procsafe"), base)
+    except _config.SettingError as exc:
+        # A collection error naming the keyword; the message is the whole story.
+        pytest.fail(str(exc), pytrace=False)
+    if "mp_start_method" not in metafunc.fixturenames or not _uses_our_start_method(metafunc):
+        return
+    methods = base.start_methods
+    if wanted is not None:
+        methods = _methods.intersect(methods, wanted)
+    if methods:
+        metafunc.parametrize("mp_start_method", methods, indirect=True, ids=list(methods))
+        return
+    reason = (
+        f"procsafe: none of the marker's start methods ({', '.join(wanted or ())}) is "
+        f"selected for this run ({', '.join(base.start_methods)})"
+    )
+    metafunc.parametrize(
+        "mp_start_method",
+        [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="no-start-method")],
+        indirect=True,
+    )
+
+
+def _uses_our_start_method(metafunc: pytest.Metafunc) -> bool:
+    """False when a conftest overrides ``mp_start_method`` or the test parametrizes it.
+
+    pytest has no public API to ask which fixture definition applies to a test, so this
+    reads ``Metafunc._arg2fixturedefs`` (as other fixture-parametrizing plugins do).
+    """
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+        if isinstance(names, str):
+            names = [name.strip() for name in names.split(",")]
+        if "mp_start_method" in names:
+            return False
+    defs = getattr(metafunc, "_arg2fixturedefs", {}).get("mp_start_method")
+    if not defs:
+        return False
+    func = getattr(defs[-1], "func", None)
+    return getattr(func, "__module__", None) == __name__
+
+
+@pytest.fixture
+def mp_start_method(request: pytest.FixtureRequest) -> str:
+    """The start method this test runs under: ``"fork"``, ``"spawn"`` or ``"forkserver"``.
+
+    Tests that use it, directly or through any ``mp_*`` fixture, are parametrized over the
+    selected start methods (``--procsafe-start-methods``). A conftest may define its own
+    ``mp_start_method`` fixture to choose differently.
+    """
+    method = getattr(request, "param", None)
+    if method is None:  # requested dynamically, outside our parametrization
+        return _config.session_settings(request.config).start_methods[0]
+    assert isinstance(method, str)
+    return method
+
+
+@pytest.fixture
+def mp_context(mp_start_method: str) -> BaseContext:
+    """``multiprocessing.get_context(mp_start_method)``; the global method is never touched."""
+    if mp_start_method not in _methods.KNOWN:
+        raise pytest.UsageError(
+            f"procsafe: mp_start_method returned {mp_start_method!r}; "
+            f"allowed: {', '.join(_methods.KNOWN)}"
+        )
+    try:
+        return multiprocessing.get_context(mp_start_method)
+    except ValueError as exc:
+        raise pytest.UsageError(
+            f"procsafe: start method {mp_start_method!r} is not available on this platform; "
+            f"available here: {', '.join(_methods.available())}"
+        ) from exc
+
+
+# --- workers ----------------------------------------------------------------------------
+
+
+# --- channels ---------------------------------------------------------------------------
+
+
+# --- leak checks ------------------------------------------------------------------------
