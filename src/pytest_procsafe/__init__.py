@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from pytest_procsafe._version import __version__
+from pytest_procsafe._workers import Worker
+from pytest_procsafe._workers import WorkerCrashed
+from pytest_procsafe._workers import WorkerError
+from pytest_procsafe._workers import WorkerGroup
+from pytest_procsafe._workers import WorkerTimeout
 
 __all__ = [
+    "Worker",
+    "WorkerCrashed",
+    "WorkerError",
+    "WorkerGroup",
+    "WorkerTimeout",
     "__version__",
 ]

@@ -7,13 +7,16 @@ of their own.
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from typing import Final
 
 import pytest
 
 from pytest_procsafe import _config
+from pytest_procsafe import _imports
 from pytest_procsafe import _methods
+from pytest_procsafe._workers import WorkerGroup
 
 _METAVARS: Final = {
     "leaks": "MODE",
@@ -89,6 +92,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # report, so only it needs the report path checked.
     is_worker = hasattr(config, "workerinput")
     config.stash[_config.SETTINGS_KEY] = _config.resolve(cli, ini, check_report=not is_worker)
+    _configure_workers(config)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -176,6 +180,39 @@ def mp_context(mp_start_method: str) -> BaseContext:
 
 
 # --- workers ----------------------------------------------------------------------------
+
+
+def _configure_workers(config: pytest.Config) -> None:
+    # Spawn/forkserver children resolve test modules and conftests to the files this
+    # process imported them from, in every import mode, for any multiprocessing use.
+    config.add_cleanup(_imports.install())
+
+
+@pytest.fixture
+def mp_process(
+    request: pytest.FixtureRequest, mp_context: BaseContext, mp_start_method: str
+) -> Iterator[WorkerGroup]:
+    """Start worker processes: ``mp_process(target, *args, **kwargs)`` returns a `Worker`.
+
+    ``mp_process.start(target, args=(), kwargs=None, *, name=None, daemon=None)`` is the
+    full form. At teardown every worker is joined within the procsafe timeout; one still
+    running has its stack shown, is terminated, then killed after the kill grace; a
+    worker that hung, or raised or crashed unseen, errors the test.
+    """
+    item = request.node
+    assert isinstance(item, pytest.Item)
+    settings = _config.item_settings(item)
+    group = WorkerGroup(
+        mp_context,
+        start_method=mp_start_method,
+        timeout=settings.timeout,
+        kill_grace=settings.kill_grace,
+        owner=item.nodeid,
+    )
+    yield group
+    problems = group.close()
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)
 
 
 # --- channels ---------------------------------------------------------------------------

@@ -1,0 +1,203 @@
+"""The first code that runs inside every worker, under every start method.
+
+`main` is the ``target`` of the ``multiprocessing`` process behind each worker. In order:
+
+1. arm the parent-death signal (Linux), so a worker dies with a killed pytest;
+2. register a faulthandler stack dump of every thread on ``SIGUSR1``, written to a file the
+   parent created, so the parent can show where a hung worker is stuck;
+3. load the payload (under spawn/forkserver this unpickles the target, which may import
+   the test module: a failure is reported as the outcome, not as a bare crash);
+4. run the target and send its outcome over the result pipe.
+
+Outcomes and exit codes, mirroring ``multiprocessing.Process`` where it has a rule:
+
+* the target returns: the value is sent (``VALUE``); if it cannot be pickled its
+  description is sent instead (``UNPICKLABLE``); exit code 0.
+* the target raises ``SystemExit``: ``EXIT`` with the code multiprocessing derives from it
+  (``None`` -> 0, an int -> itself, anything else -> 1, its text printed to stderr); the
+  process exits with that code. ``SystemExit(0)`` is a clean exit without a result.
+* the target raises anything else, ``KeyboardInterrupt`` included: ``ERROR`` with the
+  pickled exception (when it survives pickling) and its formatted traceback; exit code 1.
+* the target cannot be loaded: ``LOAD_FAILED`` with the traceback; exit code 1.
+
+Runs inside workers: imports neither pytest nor the plugin.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import os
+import pickle
+import signal
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from typing import IO
+from typing import Any
+from typing import Final
+from typing import NamedTuple
+
+from pytest_procsafe._payload import Payload
+from pytest_procsafe._payload import dumps
+
+VALUE: Final = "value"
+UNPICKLABLE: Final = "unpicklable"
+ERROR: Final = "error"
+EXIT: Final = "exit"
+LOAD_FAILED: Final = "load-failed"
+
+_PR_SET_PDEATHSIG: Final = 1  # from <linux/prctl.h>
+
+
+class Launch(NamedTuple):
+    """What the parent tells a worker's bootstrap besides the payload."""
+
+    #: The start method, for messages.
+    start_method: str
+    #: File for the faulthandler stack dump on SIGUSR1; None where signals cannot do it.
+    stack_file: str | None
+    #: Whether to arm PR_SET_PDEATHSIG: only when the thread that creates the child lives as
+    #: long as the test process (the signal fires when that *thread* exits).
+    deathsig: bool
+    #: The pid the child's parent must have once the signal is armed; None when the parent
+    #: is not the test process (forkserver: the server is the parent).
+    parent_pid: int | None
+
+
+class Outcome(NamedTuple):
+    """What a worker reports back to the test process."""
+
+    kind: str
+    #: The pickled return value or exception, when it could be pickled.
+    blob: bytes | None
+    #: The formatted remote traceback, or why the value could not be sent.
+    text: str
+    #: A one-line summary for messages ("ValueError: boom").
+    summary: str
+    #: The process exit code that goes with an EXIT outcome.
+    code: int | None = None
+
+
+# Kept open for the life of the process: faulthandler writes to its descriptor from a
+# signal handler, long after main() has moved on.
+_stack_file: IO[str] | None = None
+
+
+def main(payload: Payload, result: Connection, launch: Launch) -> None:
+    """Run *payload* in this worker and send its `Outcome` over *result*."""
+    _arm_parent_death_signal(launch)
+    _register_stack_dump(launch.stack_file)
+    try:
+        target, args, kwargs = payload.load()
+    except BaseException as exc:
+        _send(result, _load_failure(payload.name, launch.start_method, exc))
+        raise SystemExit(1) from None
+    try:
+        value = target(*args, **kwargs)
+    except SystemExit as exc:
+        _send(result, exit_outcome(exc))
+        raise
+    except BaseException as exc:
+        _send(result, error_outcome(exc))
+        raise SystemExit(1) from None
+    _send(result, value_outcome(payload.name, value))
+
+
+def value_outcome(name: str, value: object) -> Outcome:
+    """A return value, or why it cannot travel back."""
+    try:
+        return Outcome(VALUE, dumps(value), "", f"returned {_short_repr(value)}")
+    except Exception as exc:
+        text = (
+            f"the return value of {name!r} cannot be pickled back to the test process "
+            f"({_short_repr(value)}): {type(exc).__name__}: {exc}"
+        )
+        return Outcome(UNPICKLABLE, None, text, f"returned an unpicklable {type(value).__name__}")
+
+
+def error_outcome(exc: BaseException) -> Outcome:
+    """An exception with its traceback; the exception itself only if it survives pickling."""
+    text = _format(exc)
+    summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    blob: bytes | None
+    try:
+        blob = dumps(exc)
+        pickle.loads(blob)  # exceptions with custom __init__ often pickle but fail to load
+    except Exception as problem:
+        blob = None
+        text += (
+            f"\n(the exception itself could not be sent: {type(problem).__name__}: {problem})\n"
+        )
+    return Outcome(ERROR, blob, text, summary)
+
+
+def exit_outcome(exc: SystemExit) -> Outcome:
+    """``SystemExit``, with the exit code multiprocessing turns it into."""
+    code: Any = exc.code
+    if code is None:
+        number = 0
+    elif isinstance(code, int):
+        number = int(code)
+    else:
+        number = 1
+    return Outcome(EXIT, None, "" if code is None else str(code), f"SystemExit({code!r})", number)
+
+
+def _load_failure(name: str, start_method: str, exc: BaseException) -> Outcome:
+    text = _format(exc)
+    summary = (
+        f"could not load the target {name!r} in the {start_method} child: "
+        + "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    )
+    return Outcome(LOAD_FAILED, None, text, summary)
+
+
+def _format(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code is main.__code__:
+        tb = tb.tb_next  # the user's code starts below the bootstrap's own frame
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _send(result: Connection, outcome: Outcome) -> None:
+    try:
+        result.send_bytes(pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL))
+    except OSError:
+        # The test process is gone or closed its end: keep the failure visible somewhere.
+        if outcome.kind in (ERROR, LOAD_FAILED):
+            sys.stderr.write(outcome.text)
+    finally:
+        result.close()
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _register_stack_dump(path: str | None) -> None:
+    global _stack_file
+    register = getattr(faulthandler, "register", None)  # absent on Windows
+    if path is None or register is None:
+        return
+    _stack_file = open(path, "w")  # noqa: SIM115  # must outlive this function
+    register(signal.SIGUSR1, file=_stack_file, all_threads=True, chain=False)
+
+
+def _arm_parent_death_signal(launch: Launch) -> None:
+    if not launch.deathsig or not sys.platform.startswith("linux"):
+        return
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    if prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return
+    # The parent may have died between the fork and the prctl call, in which case the
+    # signal will never come: act as if it had.
+    if launch.parent_pid is not None and os.getppid() != launch.parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)

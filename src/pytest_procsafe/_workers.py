@@ -1,0 +1,375 @@
+"""Worker and WorkerGroup: start workers, hand back their outcomes, and always reap them.
+
+A `WorkerGroup` (the ``mp_process`` fixture) starts each worker as a ``multiprocessing``
+process of the test's context whose target is `_bootstrap.main`; the bootstrap sends the
+target's `Outcome` over a one-way result pipe. Whenever the test process waits for a
+worker it also reads that pipe (``multiprocessing.connection.wait`` on the process
+sentinel *and* the pipe), so a worker sending a large result never blocks on a full pipe
+while the parent waits for it to exit.
+
+`WorkerGroup.close` is the teardown: join within the timeout, dump the stack of each worker
+still running (faulthandler on SIGUSR1 inside the child), terminate, kill after the grace,
+reap, and describe every worker that hung, or raised or crashed without the test looking.
+
+Signals only ever go to our own unreaped children: a child's pid cannot be reused before
+its parent reaps it, and multiprocessing only reaps by the child's own pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Final
+from typing import final
+
+from pytest_procsafe import _bootstrap
+from pytest_procsafe._outcomes import Worker
+from pytest_procsafe._outcomes import WorkerCrashed
+from pytest_procsafe._outcomes import WorkerError
+from pytest_procsafe._outcomes import WorkerTimeout
+from pytest_procsafe._outcomes import check_timeout
+from pytest_procsafe._outcomes import escalate
+from pytest_procsafe._outcomes import wait_for
+from pytest_procsafe._payload import Payload
+from pytest_procsafe._payload import PayloadError
+
+__all__ = [
+    "Worker",
+    "WorkerCrashed",
+    "WorkerError",
+    "WorkerGroup",
+    "WorkerTimeout",
+    "stop_all",
+]
+
+#: How long to wait for faulthandler's dump once the signal is sent (it writes at once).
+STACK_WAIT: Final = 1.0
+
+_STACK_SIGNAL: Final = getattr(signal, "SIGUSR1", None)
+
+# Groups whose workers may still run: the session-end and SIGTERM paths stop them all.
+_LIVE: set[WorkerGroup] = set()
+
+
+def stop_all(grace: float) -> None:
+    """Stop every live worker of every open group: terminate, kill after *grace*, reap.
+
+    Workers stopped here count as stopped, not as crashed, when their group closes.
+    """
+    groups = list(_LIVE)
+    workers = [w for group in groups for w in group.workers if w.process.exitcode is None]
+    for worker in workers:
+        worker._stopped = True
+
+    def pump() -> None:
+        for group in groups:
+            group._pump()
+
+    escalate(workers, grace, pump=pump if any(group._pumps for group in groups) else None)
+
+
+@final
+class WorkerGroup:
+    """The workers of one test: ``mp_process``. Built by the fixture, not by users."""
+
+    def __init__(
+        self,
+        context: BaseContext,
+        *,
+        start_method: str,
+        timeout: float,
+        kill_grace: float,
+        owner: str,
+    ) -> None:
+        check_timeout("timeout", timeout, allow_zero=False)
+        check_timeout("kill_grace", kill_grace, allow_zero=True)
+        self._context = context
+        self.start_method = start_method
+        self.timeout = float(timeout)
+        self.kill_grace = float(kill_grace)
+        self.owner = owner
+        self._workers: list[Worker] = []
+        self._pumps: list[Callable[[], object]] = []
+        self._pump_errors: list[str] = []
+        self._counters: dict[str, int] = {}
+        self._problems: list[str] | None = None
+        _LIVE.add(self)
+
+    def __call__(
+        self, target: Callable[..., object], /, *args: object, **kwargs: object
+    ) -> Worker:
+        """Start ``target(*args, **kwargs)`` in a new worker."""
+        return self.start(target, args, kwargs)
+
+    def start(
+        self,
+        target: Callable[..., object],
+        args: Iterable[object] = (),
+        kwargs: Mapping[str, object] | None = None,
+        *,
+        name: str | None = None,
+        daemon: bool | None = None,
+    ) -> Worker:
+        """Start ``target(*args, **kwargs)`` in a new worker named *name*."""
+        if self._problems is not None:
+            raise WorkerError(f"the workers of {self.owner} are already torn down")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping or None, got {kwargs!r}")
+        payload = Payload(target, tuple(args), kwargs)
+        name = self._pick_name(target, name)
+        stack_file = _make_stack_file()
+        launch = _bootstrap.Launch(
+            start_method=self.start_method,
+            stack_file=stack_file,
+            deathsig=(
+                self.start_method == "forkserver"
+                or threading.current_thread() is threading.main_thread()
+            ),
+            parent_pid=None if self.start_method == "forkserver" else os.getpid(),
+        )
+        reader, writer = self._context.Pipe(duplex=False)
+        # The stubs only give Process to the concrete context classes.
+        process_type: type[BaseProcess] = self._context.Process  # type: ignore[attr-defined]
+        process = process_type(
+            target=_bootstrap.main, args=(payload, writer, launch), name=name, daemon=daemon
+        )
+        try:
+            process.start()
+        except BaseException as exc:
+            reader.close()
+            _remove(stack_file)
+            if isinstance(exc, PayloadError):
+                raise WorkerError(
+                    f"cannot start worker {name!r} ({self.start_method}) of {self.owner}: {exc}"
+                ) from exc
+            raise
+        finally:
+            writer.close()  # the child has its copy; ours would hide the child's EOF
+        worker = Worker(self, process, reader, name, stack_file)
+        self._workers.append(worker)
+        return worker
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` ran (its problems are final)."""
+        return self._problems is not None
+
+    @property
+    def workers(self) -> tuple[Worker, ...]:
+        """Every worker started so far, in start order."""
+        return tuple(self._workers)
+
+    def join_all(self, timeout: float | None = None) -> None:
+        """Wait for every worker to exit; raise `WorkerTimeout` naming those still running."""
+        limit = self.timeout if timeout is None else check_timeout("timeout", timeout)
+        wait_for(self._workers, limit, pump=self._pumper())
+        running = [worker for worker in self._workers if worker.process.exitcode is None]
+        if running:
+            if timeout is None:
+                for worker in running:
+                    worker._overdue = True
+            names = ", ".join(f"{worker.name!r} pid {worker.pid}" for worker in running)
+            raise WorkerTimeout(
+                f"{len(running)} of {len(self._workers)} workers ({self.start_method}) of "
+                f"{self.owner} still running after {limit:g}s: {names}"
+            )
+
+    def add_pump(self, pump: Callable[[], object]) -> None:
+        """Call *pump* every few ms while waiting for workers (channels drain themselves)."""
+        if not callable(pump):
+            raise TypeError(f"a pump must be callable, got {pump!r}")
+        self._pumps.append(pump)
+
+    def diagnose(self) -> str:
+        """One line per worker saying what it is doing; empty when none was started."""
+        return "\n".join(worker.diagnosis() for worker in self._workers)
+
+    def owned_pids(self) -> set[int]:
+        """Pids of the workers this group still answers for (the leak checks skip them)."""
+        if self._problems is None:
+            return {worker.pid for worker in self._workers}
+        return {worker.pid for worker in self._workers if worker.process.exitcode is None}
+
+    def close(self) -> list[str]:
+        """Tear the workers down; return one problem text per worker that went wrong.
+
+        Joins each worker within the timeout; a worker still running has its stack dumped,
+        is terminated, killed after ``kill_grace`` and reaped. Problems: hung workers, and
+        workers that raised or crashed while the test never called ``result()`` nor read
+        ``exitcode``. Calling it again returns the same list.
+        """
+        if self._problems is not None:
+            return list(self._problems)
+        problems: list[str] = []
+        try:
+            # A worker that already used up a full default timeout in join()/result() gets
+            # no second one: a hung test then takes about timeout + grace, not twice that.
+            waiting = [worker for worker in self._workers if not worker._overdue]
+            wait_for(waiting, self.timeout, pump=self._pumper())
+            hung = [worker for worker in self._workers if worker.process.exitcode is None]
+            stacks = self._capture_stacks(hung)
+            killed = escalate(hung, self.kill_grace, pump=self._pumper())
+            for worker in self._workers:
+                if worker in hung:
+                    problems.append(
+                        self._hang_report(worker, stacks.get(worker), worker in killed)
+                    )
+                    continue
+                problem = worker.unobserved_problem()
+                if problem is not None:
+                    problems.append(f"{worker.label()} of {self.owner} {problem}")
+            problems.extend(
+                f"while waiting for the workers of {self.owner}, {text}"
+                for text in self._pump_errors
+            )
+        finally:
+            for worker in self._workers:
+                worker.release()
+            _LIVE.discard(self)
+            self._problems = problems
+        return list(problems)
+
+    def _pumper(self) -> Callable[[], None] | None:
+        """What waits should call between checks: None when there is nothing to pump."""
+        return self._pump if self._pumps else None
+
+    def _pump(self) -> None:
+        """Run every pump once; a pump that fails is reported at close and not run again."""
+        for pump in list(self._pumps):
+            try:
+                pump()
+            except Exception as exc:
+                self._pumps.remove(pump)
+                self._pump_errors.append(f"the pump {pump!r} failed: {type(exc).__name__}: {exc}")
+
+    def _pick_name(self, target: Callable[..., object], name: str | None) -> str:
+        taken = {worker.name for worker in self._workers}
+        if name is not None:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"a worker name must be a non-empty string, got {name!r}")
+            if name in taken:
+                raise ValueError(
+                    f"a worker named {name!r} already exists in {self.owner}; "
+                    "worker names must be unique within a test (or leave name out)"
+                )
+            return name
+        inner = getattr(target, "func", target)  # functools.partial: name what it wraps
+        base = getattr(inner, "__name__", None) or type(target).__name__
+        while True:
+            self._counters[base] = self._counters.get(base, 0) + 1
+            candidate = f"{base}-{self._counters[base]}"
+            if candidate not in taken:
+                return candidate
+
+    def _capture_stacks(self, hung: Sequence[Worker]) -> dict[Worker, str]:
+        """Ask each hung worker for its stack; return the dumps that arrived in time."""
+        asked = [worker for worker in hung if _can_dump(worker)]
+        for worker in asked:
+            os.kill(worker.pid, _STACK_SIGNAL)  # type: ignore[arg-type]  # _can_dump checked it
+        sizes = dict.fromkeys(asked, -1)
+        deadline = time.monotonic() + STACK_WAIT
+        while sizes and time.monotonic() < deadline:
+            time.sleep(0.02)
+            self._pump()
+            for worker in list(sizes):
+                size = _size(worker.stack_file)
+                if 0 < size == sizes[worker]:  # written and no longer growing
+                    del sizes[worker]
+                else:
+                    sizes[worker] = size
+        stacks: dict[Worker, str] = {}
+        for worker in asked:
+            text = _read(worker.stack_file)
+            if text.strip():
+                stacks[worker] = text
+        return stacks
+
+    def _hang_report(self, worker: Worker, stack: str | None, killed: bool) -> str:
+        how = f"killed after the {self.kill_grace:g}s grace" if killed else "terminated"
+        lines = [
+            f"{worker.label()} of {self.owner} was still running after the "
+            f"{self.timeout:g}s timeout, so it was stopped ({how})."
+        ]
+        if worker.process.exitcode is None:
+            lines.append("It did not exit even after SIGKILL.")
+        if stack is not None:
+            lines.append(f"Its Python stack (all threads) when it was stopped:\n{stack.rstrip()}")
+        elif _STACK_SIGNAL is None:
+            lines.append("(No stack: this platform has no SIGUSR1 for faulthandler.)")
+        else:
+            lines.append("(No stack: the worker had not reached the procsafe bootstrap yet.)")
+        earlier = worker.unobserved_problem(include_crash=False)
+        if earlier is not None:
+            lines.append(f"Before that it {earlier}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        state = " closed" if self._problems is not None else ""
+        return (
+            f"<WorkerGroup of {self.owner!r} {self.start_method} "
+            f"workers={len(self._workers)}{state}>"
+        )
+
+
+def _make_stack_file() -> str | None:
+    if _STACK_SIGNAL is None:
+        return None
+    fd, path = tempfile.mkstemp(prefix="procsafe-stack-", suffix=".txt")
+    os.close(fd)
+    return path
+
+
+def _can_dump(worker: Worker) -> bool:
+    if _STACK_SIGNAL is None or worker.stack_file is None:
+        return False
+    if worker.process.exitcode is not None:
+        return False  # gone meanwhile: its pid is no longer ours to signal
+    return _catches(worker.pid, _STACK_SIGNAL)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether *pid* has a handler for *signum* (sending it otherwise would kill it)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _size(path: str | None) -> int:
+    try:
+        return os.path.getsize(path) if path is not None else 0
+    except OSError:
+        return 0
+
+
+def _read(path: str | None) -> str:
+    if path is None:
+        return ""
+    try:
+        with open(path, errors="replace") as file:
+            return file.read()
+    except OSError:
+        return ""
+
+
+def _remove(path: str | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
