@@ -1,0 +1,338 @@
+"""Channels bound to one test: the ``mp_channels`` factory and what it cleans up.
+
+`Channels` makes pipes, queues and managers from the test's context and keeps a registry
+of everything it made (shared state joins it later), so teardown can follow DESIGN.md's
+order: `Channels.drain` while the workers are joined (a worker blocked writing, or
+flushing its queue at exit, can then finish), then `Channels.close` once they are gone:
+queues closed with the test's feeder threads joined, pipes closed, managers shut down
+(terminated, then killed, when they do not stop).
+
+The objects themselves live in `_wrappers`, their waiting in `_timeouts`. Imports neither
+pytest nor the plugin, and starts no thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.managers
+import time
+from collections.abc import Callable
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import Literal
+from typing import Protocol
+from typing import TypeVar
+from typing import cast
+from typing import final
+
+from pytest_procsafe._timeouts import Watch
+from pytest_procsafe._timeouts import seconds
+from pytest_procsafe._wrappers import ProcsafeConnection
+from pytest_procsafe._wrappers import ProcsafeJoinableQueue
+from pytest_procsafe._wrappers import ProcsafeQueue
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+_Q = TypeVar("_Q", bound=ProcsafeQueue)
+
+#: Pids of the manager processes procsafe started and has not stopped yet.
+_MANAGER_PIDS: set[int] = set()
+
+
+def owned_pids() -> set[int]:
+    """Manager processes procsafe still owns (the leak checks must not report them)."""
+    return set(_MANAGER_PIDS)
+
+
+def _check_setting(name: str, value: object, allowed: Literal["> 0", ">= 0"]) -> None:
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or math.isnan(number) or number < 0 or (allowed == "> 0" and number == 0):
+        raise ValueError(f"{name} must be a number of seconds {allowed}, got {value!r}")
+
+
+class Resource(Protocol):
+    """Something `Channels` made and cleans up at teardown."""
+
+    label: str
+
+    def drain(self, *, force: bool) -> None:
+        """Read what workers wrote and nobody read, without blocking."""
+
+    def close(self) -> list[str]:
+        """Release it for good (workers are gone); return what went wrong, if anything."""
+
+
+@final
+class _QueueResource:
+    def __init__(self, queue: ProcsafeQueue, timeout: float) -> None:
+        self.label = queue.label
+        self._queue = queue
+        self._timeout = timeout
+
+    def drain(self, *, force: bool) -> None:
+        self._queue._procsafe_drain(force=force)
+
+    def close(self) -> list[str]:
+        return self._queue._procsafe_close(self._timeout)
+
+
+@final
+class _PipeResource:
+    def __init__(self, label: str, ends: tuple[ProcsafeConnection, ProcsafeConnection]) -> None:
+        self.label = label
+        self._ends = ends
+
+    def drain(self, *, force: bool) -> None:
+        left, right = self._ends
+        for end, peer in ((left, right), (right, left)):
+            # What arrives on an end was sent on its peer; what this process sent there is
+            # meant for a worker reading that end, so unforced it is left alone.
+            if force or not peer.sent_here:
+                end._procsafe_drain()
+
+    def close(self) -> list[str]:
+        for end in self._ends:
+            end.close()
+        return []
+
+
+@final
+class _ManagerResource:
+    def __init__(
+        self,
+        manager: multiprocessing.managers.SyncManager,
+        label: str,
+        timeout: float,
+        grace: float,
+    ) -> None:
+        self.label = label
+        self._manager = manager
+        self._authkey = bytes(multiprocessing.current_process().authkey)
+        self._timeout = timeout
+        self._grace = grace
+
+    def drain(self, *, force: bool) -> None:
+        pass
+
+    def close(self) -> list[str]:
+        process = _manager_process(self._manager)
+        problems: list[str] = []
+        if process.is_alive():
+            problem = self._stop(process)
+            if problem:
+                problems.append(problem)
+        if process.is_alive():
+            return problems  # shutdown() would talk to it without a timeout
+        _MANAGER_PIDS.discard(process.pid)
+        self._manager.shutdown()  # bookkeeping only: it sends nothing to a dead process
+        return problems
+
+    def _stop(self, process: BaseProcess) -> str | None:
+        """Ask the manager to shut down, then terminate, then kill (each bounded)."""
+        deadline = time.monotonic() + self._timeout
+        refused = _ask_to_shut_down(self._manager.address, self._authkey, deadline)
+        process.join(0.0 if refused else max(0.0, deadline - time.monotonic()))
+        if not process.is_alive():
+            return None
+        how = "terminated"
+        process.terminate()
+        process.join(self._grace)
+        if process.is_alive():
+            how = "killed"
+            process.kill()
+            process.join(self._timeout)
+        reason = f" ({refused})" if refused else ""
+        outcome = how if not process.is_alive() else f"{how}, but it is still running"
+        return (
+            f"{self.label} (manager pid {process.pid}) did not shut down within "
+            f"{seconds(self._timeout)}{reason}; {outcome}"
+        )
+
+
+def _manager_process(manager: multiprocessing.managers.BaseManager) -> BaseProcess:
+    return manager._process  # type: ignore[attr-defined,no-any-return]  # not in the stubs
+
+
+@final
+class _Bounded:
+    """Just enough of a connection for multiprocessing's handshake, with a deadline."""
+
+    def __init__(self, conn: Connection[Any, Any], deadline: float) -> None:
+        self._conn = conn
+        self._deadline = deadline
+
+    def send_bytes(self, data: bytes) -> None:
+        self._conn.send_bytes(data)
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        if not self._conn.poll(max(0.0, self._deadline - time.monotonic())):
+            raise TimeoutError("the manager did not answer")
+        return self._conn.recv_bytes(maxlength)
+
+
+def _ask_to_shut_down(address: Any, authkey: bytes, deadline: float) -> str | None:
+    """Send a manager the shutdown request its own ``shutdown()`` sends, but without
+    blocking past *deadline* on a manager that does not answer (stopped, deadlocked).
+    Returns why the request could not be delivered, or None."""
+    try:
+        conn = multiprocessing.connection.Client(address)  # no authkey: no handshake yet
+    except OSError as exc:
+        return f"cannot connect to it: {exc}"
+    try:
+        bounded = cast("Connection[Any, Any]", _Bounded(conn, deadline))
+        multiprocessing.connection.answer_challenge(bounded, authkey)
+        multiprocessing.connection.deliver_challenge(bounded, authkey)
+        conn.send((None, "shutdown", (), {}))
+        bounded.recv_bytes()  # its answer: hanging up before it makes the manager complain
+    except (OSError, EOFError, multiprocessing.AuthenticationError) as exc:
+        return f"the shutdown request failed: {exc}"
+    finally:
+        conn.close()
+    return None
+
+
+@final
+class Channels:
+    """Channels bound to one test's start method (the ``mp_channels`` fixture).
+
+    Everything it makes is registered and cleaned up at teardown: `drain` while the
+    workers are joined, then `close`.
+    """
+
+    def __init__(
+        self,
+        context: BaseContext,
+        *,
+        timeout: float,
+        kill_grace: float,
+        diagnose: Callable[[], str],
+        workers_done: Callable[[], bool] | None = None,
+    ) -> None:
+        _check_setting("timeout", timeout, "> 0")
+        _check_setting("kill_grace", kill_grace, ">= 0")
+
+        def senders_gone() -> bool:
+            # Workers are not the only possible senders: a test may feed a channel from
+            # processes it started itself (a Pool, plain processes). Managers procsafe
+            # made never send on their own.
+            return (
+                workers_done is not None
+                and workers_done()
+                and all(p.pid in _MANAGER_PIDS for p in multiprocessing.active_children())
+            )
+
+        self._context = context
+        self._kill_grace = kill_grace
+        self._watch = Watch(float(timeout), diagnose, senders_gone)
+        self._resources: list[Resource] = []
+        self._made: dict[str, int] = {}
+        self._problems: list[str] | None = None
+
+    @property
+    def context(self) -> BaseContext:
+        return self._context
+
+    @property
+    def watch(self) -> Watch:
+        return self._watch
+
+    def __repr__(self) -> str:
+        state = "closed" if self._problems is not None else f"{len(self._resources)} made"
+        return f"<Channels {self._context.get_start_method()} {state}>"
+
+    def pipe(
+        self, duplex: bool = True, *, name: str | None = None
+    ) -> tuple[ProcsafeConnection, ProcsafeConnection]:
+        """A pair of connected ends: ``(left, right)``, or ``(reader, writer)`` when not
+        *duplex*."""
+        if not isinstance(duplex, bool):
+            raise TypeError(f"duplex must be True or False, got {duplex!r}")
+        self._check_open()
+        label = self._label("pipe", name)
+        names = ("left", "right") if duplex else ("reader", "writer")
+        inner = self._context.Pipe(duplex)
+        ends = (
+            ProcsafeConnection(inner[0], label=f"{label} {names[0]}", watch=self._watch),
+            ProcsafeConnection(inner[1], label=f"{label} {names[1]}", watch=self._watch),
+        )
+        self.adopt(_PipeResource(label, ends))
+        return ends
+
+    def queue(self, maxsize: int = 0, *, name: str | None = None) -> ProcsafeQueue:
+        """A Queue (unbounded unless *maxsize* > 0)."""
+        return self._queue(ProcsafeQueue, maxsize, "queue", name)
+
+    def joinable_queue(
+        self, maxsize: int = 0, *, name: str | None = None
+    ) -> ProcsafeJoinableQueue:
+        """A JoinableQueue (unbounded unless *maxsize* > 0)."""
+        return self._queue(ProcsafeJoinableQueue, maxsize, "joinable queue", name)
+
+    def manager(self, *, name: str | None = None) -> multiprocessing.managers.SyncManager:
+        """A started `SyncManager`, shut down at teardown (terminated, then killed, if it
+        does not stop)."""
+        self._check_open()
+        label = self._label("manager", name)
+        manager = multiprocessing.managers.SyncManager(ctx=self._context)
+        manager.start()
+        pid = _manager_process(manager).pid
+        assert pid is not None  # started
+        _MANAGER_PIDS.add(pid)
+        self.adopt(_ManagerResource(manager, label, self._watch.timeout, self._kill_grace))
+        return manager
+
+    def adopt(self, resource: Resource) -> None:
+        """Register *resource* for teardown (what the factory methods make is registered)."""
+        self._check_open()
+        self._resources.append(resource)
+
+    def drain(self) -> None:
+        """Discard what workers wrote and the test did not read, without blocking, so a
+        worker blocked writing (or flushing its queue at exit) can finish. Meant to run
+        repeatedly while the workers are joined at teardown."""
+        for resource in self._resources:
+            # Closed or broken meanwhile: close() reports what matters.
+            with contextlib.suppress(OSError, ValueError):
+                resource.drain(force=False)
+
+    def close(self) -> list[str]:
+        """Close everything it made, newest first; return the problems (idempotent)."""
+        if self._problems is None:
+            self._problems = []
+            for resource in reversed(self._resources):
+                try:
+                    self._problems.extend(resource.close())
+                except Exception as exc:  # one broken channel must not keep others open
+                    self._problems.append(f"{resource.label}: closing it failed: {exc!r}")
+            # Frees the queues' semaphores now rather than whenever the garbage collector
+            # breaks the cycle through the worker group's pump and diagnosis.
+            self._resources.clear()
+        return list(self._problems)
+
+    def _check_open(self) -> None:
+        if self._problems is not None:
+            raise RuntimeError(
+                "mp_channels is closed: its test's teardown has run; make channels during the test"
+            )
+
+    def _queue(self, cls: type[_Q], maxsize: int, kind: str, name: str | None) -> _Q:
+        self._check_open()
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            raise TypeError(f"maxsize must be an int (<= 0 means unbounded), got {maxsize!r}")
+        queue = cls(maxsize, ctx=self._context, label=self._label(kind, name), watch=self._watch)
+        self.adopt(_QueueResource(queue, self._watch.timeout))
+        return queue
+
+    def _label(self, kind: str, name: str | None) -> str:
+        if name is not None:
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"name must be a non-empty string, got {name!r}")
+            return name
+        number = self._made[kind] = self._made.get(kind, 0) + 1
+        return f"{kind} #{number}"

@@ -1,0 +1,403 @@
+"""The channel objects tests hold: pipe ends and queues whose reads cannot hang.
+
+`ProcsafeConnection` wraps a `multiprocessing.connection.Connection`; `ProcsafeQueue` and
+`ProcsafeJoinableQueue` subclass multiprocessing's queues. Their blocking calls wait
+through a `Watch` (the procsafe timeout, a diagnosis, an early end when no worker is left).
+They pickle to children as the standard objects do, through multiprocessing's own
+reducers, and keep the default timeout there (without a diagnosis, which only the test
+process can make). They also know how to be drained and closed at teardown without ever
+blocking; `Channels` decides when.
+
+Imported inside workers too (when a channel is unpickled there): no pytest, no plugin.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.queues
+import os
+import struct
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.context import BaseContext
+from queue import Empty
+from queue import Full
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import Final
+from typing import Literal
+from typing import TypeAlias
+from typing import final
+
+from pytest_procsafe._timeouts import DEFAULT
+from pytest_procsafe._timeouts import MISS
+from pytest_procsafe._timeouts import STEP
+from pytest_procsafe._timeouts import Timeout
+from pytest_procsafe._timeouts import Token
+from pytest_procsafe._timeouts import Watch
+from pytest_procsafe._timeouts import check_timeout
+from pytest_procsafe._timeouts import seconds
+
+if TYPE_CHECKING:
+    import threading
+    from multiprocessing.connection import Connection
+
+    # multiprocessing's queues are only subscriptable at runtime from Python 3.12 on.
+    _QueueBase: TypeAlias = multiprocessing.queues.Queue[Any]
+    _JoinableBase: TypeAlias = multiprocessing.queues.JoinableQueue[Any]
+else:
+    _QueueBase = multiprocessing.queues.Queue
+    _JoinableBase = multiprocessing.queues.JoinableQueue
+
+#: Bytes one drain call discards from one channel at most, so a writer producing without
+#: end cannot keep teardown in one call forever.
+_DRAIN_BUDGET: Final = 16 << 20
+#: multiprocessing's framing: a 4-byte big-endian length, or -1 then an 8-byte length.
+_LONG_MARK: Final = struct.pack("!i", -1)
+
+
+@final
+class _Skipper:
+    """Discards whole messages from a connection without ever blocking.
+
+    ``Connection.recv_bytes`` blocks until a message is complete. A writer killed half-way
+    through a large message (its feeder thread stuck on a full pipe) would hang it forever,
+    because the test process itself still holds the write end. So this reads raw bytes,
+    follows multiprocessing's framing and keeps its place in a message across calls.
+    """
+
+    def __init__(self) -> None:
+        self._header = b""
+        self._left = 0  # body bytes of the current message still to discard
+        self.ended = False
+
+    @property
+    def mid_message(self) -> bool:
+        return bool(self._header) or self._left > 0
+
+    def skip(self, conn: Connection[Any, Any]) -> int:
+        """Discard what is readable now; return how many messages were completed."""
+        if sys.platform == "win32":  # message-mode pipes: a message is never cut
+            return self._skip_whole(conn)
+        done, budget, fd = 0, _DRAIN_BUDGET, conn.fileno()
+        while budget > 0 and not self.ended and conn.poll(0):
+            if self._left:
+                want = min(self._left, budget, 1 << 20)
+            else:
+                want = (12 if self._header[:4] == _LONG_MARK else 4) - len(self._header)
+            chunk = os.read(fd, want)
+            if not chunk:
+                self.ended = True
+                break
+            budget -= len(chunk)
+            if self._left:
+                self._left -= len(chunk)
+                if not self._left:
+                    done += 1
+                continue
+            self._header += chunk
+            if len(self._header) == 4 and self._header != _LONG_MARK:
+                (size,) = struct.unpack("!i", self._header)
+            elif len(self._header) == 12:
+                (size,) = struct.unpack("!Q", self._header[4:])
+            else:
+                continue
+            self._header = b""
+            self._left = size
+            if not size:
+                done += 1
+        return done
+
+    def _skip_whole(self, conn: Connection[Any, Any]) -> int:
+        done = 0
+        while done < 1000 and conn.poll(0):  # bounded, like the byte budget above
+            try:
+                conn.recv_bytes()
+            except EOFError:
+                self.ended = True
+                break
+            done += 1
+        return done
+
+
+@final
+class ProcsafeConnection:
+    """One end of a pipe whose reads default to the procsafe timeout.
+
+    ``recv``, ``recv_bytes`` and ``recv_bytes_into`` take a keyword ``timeout``: seconds,
+    None to wait forever, or by default the procsafe timeout; when it passes they raise
+    `ChannelTimeout`. Everything else is `multiprocessing.connection.Connection`'s own.
+    """
+
+    def __init__(self, conn: Connection[Any, Any], *, label: str, watch: Watch) -> None:
+        self._conn = conn
+        self._label = label
+        self._watch = watch
+        self._sent = False
+        self._skipper = _Skipper()
+
+    def __reduce__(self) -> tuple[Callable[..., ProcsafeConnection], tuple[Any, ...]]:
+        # Through the inner Connection, so multiprocessing's reducers (fd passing) apply.
+        return _rebuild_connection, (self._conn, self._label, self._watch.timeout)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn.closed else f"fd={self._conn.fileno()}"
+        return f"<ProcsafeConnection {self._label!r} {state}>"
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    @property
+    def sent_here(self) -> bool:
+        """Whether this process sent anything on this end."""
+        return self._sent
+
+    @property
+    def connection(self) -> Connection[Any, Any]:
+        """The underlying `multiprocessing.connection.Connection`."""
+        return self._conn
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.closed
+
+    @property
+    def readable(self) -> bool:
+        return self._conn.readable
+
+    @property
+    def writable(self) -> bool:
+        return self._conn.writable
+
+    def fileno(self) -> int:
+        return self._conn.fileno()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def send(self, obj: Any) -> None:
+        self._sent = True
+        self._conn.send(obj)
+
+    def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
+        self._sent = True
+        self._conn.send_bytes(buf, offset, size)
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        return self._conn.poll(timeout)
+
+    def recv(self, *, timeout: Timeout = DEFAULT) -> Any:
+        self._await("recv()", timeout)
+        return self._conn.recv()
+
+    def recv_bytes(self, maxlength: int | None = None, *, timeout: Timeout = DEFAULT) -> bytes:
+        self._await("recv_bytes()", timeout)
+        return self._conn.recv_bytes(maxlength)
+
+    def recv_bytes_into(self, buf: Any, offset: int = 0, *, timeout: Timeout = DEFAULT) -> int:
+        self._await("recv_bytes_into()", timeout)
+        return self._conn.recv_bytes_into(buf, offset)
+
+    def __enter__(self) -> ProcsafeConnection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _procsafe_drain(self) -> None:
+        """Discard what is readable on this end now, without blocking."""
+        if not self._conn.closed and self._conn.readable and not self._skipper.ended:
+            self._skipper.skip(self._conn)
+
+    def _await(self, call: str, timeout: Timeout) -> None:
+        limit = timeout if timeout is DEFAULT else check_timeout(timeout)
+        if limit is None:
+            return  # explicitly unbounded: the plain blocking read
+
+        def attempt(step: float) -> Literal[Token.MISS] | None:
+            return None if self._conn.poll(step) else MISS
+
+        self._watch.wait(
+            f"{call} on {self._label}",
+            attempt,
+            limit,
+            stuck=lambda: not self._conn.poll(0),
+            stuck_reason="nothing is pending",
+        )
+
+
+def _rebuild_connection(
+    conn: Connection[Any, Any], label: str, timeout: float
+) -> ProcsafeConnection:
+    return ProcsafeConnection(conn, label=label, watch=Watch(timeout))
+
+
+class ProcsafeQueue(_QueueBase):
+    """A `multiprocessing.Queue` whose blocking ``get`` and ``put`` default to the procsafe
+    timeout and then raise `ChannelTimeout`; an explicit ``timeout`` or ``block=False``
+    keeps its standard meaning (`queue.Empty` / `queue.Full`)."""
+
+    if TYPE_CHECKING:  # multiprocessing's private state this class relies on
+        _reader: Connection[Any, Any]
+        _writer: Connection[Any, Any]
+        _rlock: Any
+        _sem: Any
+        _thread: threading.Thread | None
+
+    def __init__(self, maxsize: int = 0, *, ctx: BaseContext, label: str, watch: Watch) -> None:
+        super().__init__(maxsize, ctx=ctx)
+        self._procsafe_init(label, watch)
+
+    def _procsafe_init(self, label: str, watch: Watch) -> None:
+        self._procsafe_label = label
+        self._procsafe_watch = watch
+        self._procsafe_fed = False  # this process put items: they are for someone else
+        self._procsafe_skipper = _Skipper()
+        self._procsafe_locked = False  # the drain holds the read lock mid-message
+
+    def __getstate__(self) -> Any:
+        return super().__getstate__(), self._procsafe_label, self._procsafe_watch.timeout
+
+    def __setstate__(self, state: Any) -> None:
+        inner, label, timeout = state
+        super().__setstate__(inner)
+        self._procsafe_init(label, Watch(timeout))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._procsafe_label!r}>"
+
+    @property
+    def label(self) -> str:
+        return self._procsafe_label
+
+    def get(self, block: bool = True, timeout: Timeout = DEFAULT) -> Any:
+        if timeout is not DEFAULT:
+            return super().get(block, timeout)
+        if not block:
+            return super().get(False)
+        get = super().get
+
+        def attempt(step: float) -> Any:
+            try:
+                return get(True, step)
+            except Empty:
+                return MISS
+
+        return self._procsafe_watch.wait(
+            f"get() on {self._procsafe_label}",
+            attempt,
+            DEFAULT,
+            stuck=self.empty,
+            stuck_reason="nothing is pending",
+        )
+
+    def put(self, obj: Any, block: bool = True, timeout: Timeout = DEFAULT) -> None:
+        self._procsafe_fed = True
+        if timeout is not DEFAULT:
+            return super().put(obj, block, timeout)
+        if not block:
+            return super().put(obj, False)
+        put = super().put
+
+        def attempt(step: float) -> Literal[Token.MISS] | None:
+            try:
+                put(obj, True, step)
+            except Full:
+                return MISS
+            return None
+
+        self._procsafe_watch.wait(
+            f"put() on {self._procsafe_label}",
+            attempt,
+            DEFAULT,
+            stuck=self.full,
+            stuck_reason="the queue is still full",
+        )
+
+    def _procsafe_drain(self, *, force: bool) -> None:
+        """Discard what is pending so a worker blocked writing can exit.
+
+        Unforced (workers still running) it spares a queue this process put into, whose
+        items are meant for a worker, and one a worker is reading from. The read lock is
+        kept while a message is half-read so that no reader starts in its middle.
+        """
+        reader = self._reader
+        if reader.closed or (self._procsafe_fed and not force):
+            return
+        rlock = self._rlock
+        if not self._procsafe_locked:
+            # Forced, a dead worker may still own the lock: everyone else is gone by then.
+            self._procsafe_locked = rlock.acquire(False)
+            if not self._procsafe_locked and not force:
+                return
+        try:
+            for _ in range(self._procsafe_skipper.skip(reader)):
+                self._sem.release()  # a put's slot, as get() gives it back
+        finally:
+            if self._procsafe_locked and not self._procsafe_skipper.mid_message:
+                rlock.release()
+                self._procsafe_locked = False
+
+    def _procsafe_close(self, timeout: float) -> list[str]:
+        """Close after the workers are gone: this process's feeder thread flushed and
+        joined, both pipe ends closed."""
+        problems: list[str] = []
+        feeder = self._thread
+        self.close()  # tells a running feeder thread to finish
+        if feeder is not None:
+            deadline = time.monotonic() + timeout
+            while feeder.is_alive() and time.monotonic() < deadline:
+                try:
+                    self._procsafe_drain(force=True)  # nobody else reads: unblock the feeder
+                except OSError:
+                    break  # the feeder closed the pipe meanwhile: it is done
+                feeder.join(STEP / 2)
+            feeder.join(max(0.0, deadline - time.monotonic()))
+            if feeder.is_alive():
+                # Never let multiprocessing's exit handler join it without a timeout.
+                self.cancel_join_thread()
+                problems.append(
+                    f"{self._procsafe_label}: its feeder thread did not finish writing "
+                    f"within {seconds(timeout)}"
+                )
+            else:
+                self.join_thread()
+        if self._procsafe_locked:
+            self._rlock.release()
+            self._procsafe_locked = False
+        self._reader.close()
+        self._writer.close()
+        return problems
+
+
+class ProcsafeJoinableQueue(ProcsafeQueue, _JoinableBase):
+    """A `multiprocessing.JoinableQueue` whose ``get``, ``put`` and ``join`` default to the
+    procsafe timeout; ``join(timeout)`` takes seconds or None (wait forever)."""
+
+    if TYPE_CHECKING:
+        _cond: Any
+        _unfinished_tasks: Any
+
+    def join(self, timeout: Timeout = DEFAULT) -> None:
+        limit = timeout if timeout is DEFAULT else check_timeout(timeout)
+        if limit is None:
+            return super().join()
+        cond = self._cond
+        unfinished = self._unfinished_tasks._semlock
+
+        def attempt(step: float) -> Literal[Token.MISS] | None:
+            if not cond.acquire(True, step):
+                return MISS
+            try:
+                return None if cond.wait_for(unfinished._is_zero, step) else MISS
+            finally:
+                cond.release()
+
+        self._procsafe_watch.wait(
+            f"join() on {self._procsafe_label}",
+            attempt,
+            limit,
+            stuck=lambda: not unfinished._is_zero(),
+            stuck_reason="tasks are still unfinished",
+        )
