@@ -25,11 +25,14 @@ import types
 from collections import ChainMap
 from collections.abc import Callable
 from collections.abc import Mapping
+from multiprocessing import connection as mp_connection
 from multiprocessing import context as mp_context
 from multiprocessing import process as mp_process
 from multiprocessing import reduction
 from typing import Any
 from typing import ClassVar
+from typing import Final
+from typing import NoReturn
 from typing import final
 
 import cloudpickle
@@ -47,22 +50,43 @@ def _reduce_code(code: types.CodeType) -> tuple[Callable[[bytes], object], tuple
     return (marshal.loads, (marshal.dumps(code),))
 
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships no types
-    """cloudpickle that keeps code objects' file names (values, exceptions)."""
-
-    dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
-        {types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table
+def _refuse_connection(connection: object) -> NoReturn:
+    # Pickled field by field, a connection would arrive as a stray descriptor number whose
+    # __del__ then closes whatever the receiver has open under that number.
+    raise TypeError(
+        f"a {type(connection).__name__} can only reach a worker as it starts (pass it as an "
+        "argument or capture it in the target), not be sent back from one"
     )
 
 
-class _SpawnPickler(_Pickler):
+_CODE: Final = {types.CodeType: _reduce_code}
+_CONNECTIONS: Final = dict.fromkeys(
+    (
+        getattr(mp_connection, name)
+        for name in ("Connection", "PipeConnection")
+        if hasattr(mp_connection, name)
+    ),
+    _refuse_connection,
+)
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships no types
+    """cloudpickle keeping code objects' file names, for values and exceptions."""
+
+    dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
+        _CODE, _CONNECTIONS, cloudpickle.Pickler.dispatch_table
+    )
+
+
+class _SpawnPickler(cloudpickle.Pickler):  # type: ignore[misc]
     """Adds multiprocessing's reducers: only valid while a child is being launched."""
 
     # multiprocessing's extra reducers fill in what only it knows how to send (Connection,
     # socket) but never override cloudpickle's. The ChainMap reads the live dict, so
     # reducers registered later with ForkingPickler.register count too.
     dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
-        *_Pickler.dispatch_table.maps,
+        _CODE,
+        cloudpickle.Pickler.dispatch_table,
         reduction.ForkingPickler._extra_reducers,  # type: ignore[attr-defined]  # not in stubs
     )
 
