@@ -1,0 +1,354 @@
+"""Leak checks for one session: owners' checks, modes, cleanup policies, every way out.
+
+`LeakChecks` is what the plugin's hooks call (and all they do): it moves the owner along
+(session, test phases, wider-scoped fixtures), checks each owner when it ends, reports
+(`ProcessLeakWarning`, a test failure, the summary and JSON report) and cleans up under
+the cleanup policy. `_tracker` does the observing and classifying, `_proctable` the
+signalling and reaping, `_report` the words.
+
+Every way a run ends goes through `LeakChecks.session_end` (normal end, ``-x``, Ctrl-C,
+an internal error), `LeakChecks.close` (unconfigure: the safety net) or `on_sigterm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import Literal
+from typing import final
+
+import pytest
+
+from pytest_procsafe import _proctable
+from pytest_procsafe import _report
+from pytest_procsafe._proctable import Proc
+from pytest_procsafe._tracker import Found
+from pytest_procsafe._tracker import LeakKind
+from pytest_procsafe._tracker import Owner
+from pytest_procsafe._tracker import Tracker
+from pytest_procsafe._tracker import detach
+
+if TYPE_CHECKING:
+    from pytest_procsafe._config import Settings
+
+Action = Literal["killed", "reaped", "kept"]
+Where = tuple[str, int]
+
+
+class ProcessLeakWarning(pytest.PytestWarning):
+    """A test, fixture or the session left processes behind (``--procsafe-leaks=warn``)."""
+
+    __module__ = "pytest_procsafe"
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class LeakedProcess:
+    """One process left behind, as the hooks and the report see it."""
+
+    __module__ = "pytest_procsafe"
+
+    pid: int
+    ppid: int
+    cmdline: tuple[str, ...]
+    kind: LeakKind
+    #: A test node id, ``fixture <name>`` or ``session``.
+    owner: str
+    #: When it was first seen: ``setup``, ``call``, ``teardown``, ``collection``, ``session``.
+    phase: str
+    action: Action
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON report's form (plain types only: it also travels between processes)."""
+        return {
+            "owner": self.owner,
+            "kind": self.kind,
+            "pid": self.pid,
+            "ppid": self.ppid,
+            "cmdline": list(self.cmdline),
+            "phase": self.phase,
+            "action": self.action,
+        }
+
+
+def stop_procsafe_workers(grace: float) -> None:
+    """Stop the workers procsafe's fixtures started and still own (issue: every exit)."""
+    stop_all = getattr(sys.modules.get("pytest_procsafe._workers"), "stop_all", None)
+    if callable(stop_all):
+        stop_all(grace)
+
+
+@final
+class LeakChecks:
+    """One session's leak checks; see the module docstring."""
+
+    def __init__(self, settings: Settings, hook: Any, *, write_report: bool) -> None:
+        self.settings = settings
+        self.report = _report.Report()
+        #: Leaks outside tests in fail mode, or escalated warnings: the run fails.
+        self.failed = False
+        self.tracker: Tracker | None = None
+        self._hook = hook  # config.hook: pytest_procsafe_ignore, pytest_procsafe_leaks
+        self._write_report = write_report
+        self._session = Owner("session", "session")
+        self._test: Owner | None = None
+        self._phase = "collection"
+        self._stack: list[Owner] = []  # wider-scoped fixtures being set up
+        self._fixtures: dict[object, Owner] = {}
+        # Where a warning points: the test's or fixture's line (tests: computed if needed).
+        self._where: dict[Owner, Where | Callable[[], Where]] = {}
+        self._deferred: list[tuple[Proc, str]] = []  # stopped at session end
+        self._subreaper: bool | None = None
+        self._ended = False
+
+    def activate(self) -> None:
+        """Start tracking (not under ``leaks=off``: off costs nothing, changes nothing)."""
+        if self.tracker is None:
+            self.tracker = Tracker()
+            if not self.tracker.nested:
+                self._subreaper = _proctable.set_subreaper(True)
+
+    def _current(self) -> Owner:
+        return self._stack[-1] if self._stack else self._test or self._session
+
+    def _observe(self, owner: Owner, phase: str, *, full: bool = False) -> Tracker | None:
+        if self.tracker is not None:
+            self.tracker.observe(owner, phase, full=full)
+        return self.tracker
+
+    # --- the hooks' entry points ----------------------------------------------------------
+
+    def collection_done(self) -> None:
+        self._observe(self._session, "collection")
+        self._phase = "session"
+
+    def test_start(self, nodeid: str, where: Callable[[], Where]) -> None:
+        self._test = owner = Owner(nodeid, "test")
+        self._where[owner] = where
+        self._phase = "setup"
+
+    def advance(self, phase: str) -> None:
+        """The test's previous phase ended (``phase`` starts)."""
+        if self.tracker is not None:  # inlined: this runs twice for every test
+            self.tracker.observe(self._test or self._session, self._phase)
+        self._phase = phase
+
+    def test_end(self, settings: Callable[[], Settings]) -> str | None:
+        """Check the test that just tore down; the failure text under ``leaks=fail``."""
+        owner, self._test = self._test, None
+        if owner is None:
+            return None
+        tracker = self._observe(owner, self._phase, full=True)
+        self._phase = "session"
+        try:
+            if tracker is None or not tracker.has_candidates(owner):
+                return None
+            return self._check(owner, settings(), test=True)
+        finally:
+            self._where.pop(owner, None)
+
+    def fixture_enter(self, key: object, name: str, where: Where | None) -> None:
+        self._observe(self._current(), self._phase)
+        owner = Owner(f"fixture {name}", "fixture")
+        self._fixtures[key] = owner
+        if where is not None:
+            self._where[owner] = where
+        self._stack.append(owner)
+
+    def fixture_exit(self, key: object) -> None:
+        owner = self._fixtures.get(key)
+        if owner is not None and self._stack and self._stack[-1] is owner:
+            self._observe(owner, "setup")
+            self._stack.pop()
+
+    def fixture_done(self, key: object) -> None:
+        """A wider-scoped fixture was finalized: check what its setup started."""
+        owner = self._fixtures.pop(key, None)
+        if owner is None:
+            return
+        tracker = self._observe(self._current(), self._phase, full=True)
+        if tracker is not None and tracker.has_candidates(owner):
+            self._check(owner, self.settings, test=False)
+        self._where.pop(owner, None)
+
+    def session_end(self) -> None:
+        """After the session's fixtures: check every owner left, clean up, write the report."""
+        self._ended = True
+        # procsafe's own workers first: whatever the fixtures still hold is not a leak.
+        stop_procsafe_workers(self.settings.kill_grace)
+        tracker = self._observe(self._current(), self._phase, full=True)
+        if tracker is not None:
+            for owner in tracker.owners():
+                self._check(owner, self.settings, test=False)
+            self._stop_deferred()
+        if self._write_report and self.settings.report is not None:
+            self.report.write(self.settings.report)
+
+    def close(self) -> None:
+        """Unconfigure: the safety net for runs that never reached `session_end`."""
+        try:
+            if not self._ended:
+                stop_procsafe_workers(self.settings.kill_grace)
+            if self.tracker is not None:
+                if self.settings.cleanup != "keep":
+                    self._stop_deferred()
+                    leftovers = self.tracker.leftovers()
+                    if leftovers:
+                        _proctable.stop(leftovers, self.settings.kill_grace, self.tracker.root)
+                self.tracker.close()
+        finally:
+            if self._subreaper is not None:
+                _proctable.set_subreaper(self._subreaper)
+                self._subreaper = None
+
+    def emergency(self) -> None:
+        """SIGTERM: stop procsafe's workers and (unless keep) everything that leaked, now."""
+        stop_procsafe_workers(self.settings.kill_grace)
+        tracker = self.tracker
+        if tracker is not None and self.settings.cleanup != "keep":
+            procs = tracker.leftovers() + [proc for proc, _ in self._deferred]
+            # No pool.terminate() here: it joins threads, from inside a signal handler.
+            _proctable.stop(procs, self.settings.kill_grace, tracker.root, pools=False)
+
+    # --- checking one owner ---------------------------------------------------------------
+
+    def _check(self, owner: Owner, settings: Settings, *, test: bool) -> str | None:
+        tracker = self.tracker
+        assert tracker is not None
+        entries = tracker.take(owner)
+        if settings.leaks == "off":  # a marker turned the checks off for this test
+            tracker.exempt.update(entry.proc.pid for entry in entries)
+            return None
+        found = tracker.classify(entries, later=self._session)
+        cleanup = self.settings.cleanup
+        leaks: list[tuple[Found, LeakedProcess]] = []
+        for item in found:
+            record = LeakedProcess(
+                pid=item.proc.pid,
+                ppid=item.proc.ppid,
+                cmdline=item.cmdline,
+                kind=item.kind,
+                owner=owner.label,
+                phase=item.seen.phase,
+                action="kept" if cleanup == "keep" else "reaped" if item.proc.zombie else "killed",
+            )
+            if self._ignored(record, settings):
+                tracker.exempt.add(record.pid)
+            else:
+                leaks.append((item, record))
+        if not leaks:
+            return None
+        records = [record for _, record in leaks]
+        self._hook.pytest_procsafe_leaks(owner=owner.label, leaks=list(records))
+        procs = [item.proc for item, _ in leaks]
+        if cleanup == "kill":
+            actions = _proctable.stop(procs, settings.kill_grace, tracker.root)
+            records = [
+                dataclasses.replace(r, action=actions.get(r.pid, r.action))  # type: ignore[arg-type]
+                for r in records
+            ]
+        elif cleanup == "session":
+            self._deferred.extend((proc, owner.label) for proc in procs)
+        else:
+            detach(procs)
+            tracker.exempt.update(proc.pid for proc in procs)
+        dicts = [record.as_dict() for record in records]
+        self.report.add(dicts)
+        message = _report.describe(owner.label, dicts, cleanup)
+        if settings.leaks == "fail":
+            if test:
+                return message
+            self.failed = True
+            return None
+        where = self._where.get(owner)
+        self._warn(message, where() if callable(where) else where, escalate=test)
+        return None
+
+    def _ignored(self, record: LeakedProcess, settings: Settings) -> bool:
+        text = " ".join(record.cmdline)
+        if any(pattern.search(text) for pattern in settings.ignore):
+            return True
+        return self._hook.pytest_procsafe_ignore(process=record) is True
+
+    def _warn(self, message: str, where: Where | None, *, escalate: bool) -> None:
+        warning = ProcessLeakWarning(message)
+        try:
+            if where is not None:  # shown at the test's or fixture's own line
+                warnings.warn_explicit(warning, ProcessLeakWarning, where[0], where[1])
+            else:
+                warnings.warn(warning, stacklevel=3)
+        except ProcessLeakWarning:
+            # ``-W error::...``: a test errors in its teardown; outside tests (a fixture's
+            # finalization at session end, the session itself) the run fails instead.
+            if escalate:
+                raise
+            self.failed = True
+
+    def _stop_deferred(self) -> None:
+        tracker = self.tracker
+        if not self._deferred or tracker is None:
+            return
+        deferred, self._deferred = self._deferred, []
+        actions = _proctable.stop(
+            [proc for proc, _ in deferred], self.settings.kill_grace, tracker.root
+        )
+        for proc, owner in deferred:
+            self.report.set_action(owner, proc.pid, actions.get(proc.pid, "reaped"))
+
+
+# The handler on_sigterm installed and the disposition it replaced. Forked children must
+# not inherit the handler: `Process.terminate()` means "die now" to them.
+_SIGTERM: list[tuple[Callable[..., None], Any]] = []
+_FORK_HOOKED: list[bool] = []
+
+
+def _sigterm_in_child() -> None:
+    if _SIGTERM and signal.getsignal(signal.SIGTERM) is _SIGTERM[-1][0]:
+        signal.signal(signal.SIGTERM, _SIGTERM[0][1])
+
+
+def on_sigterm(cleanup: Callable[[], None]) -> Callable[[], None]:
+    """Run *cleanup* on SIGTERM, then let the previous disposition act; returns the undo.
+
+    A handler only (procsafe starts no thread); installed from the main thread, and not
+    at all when SIGTERM is ignored or was set outside Python.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None or previous == signal.SIG_IGN:
+        return lambda: None
+    pid = os.getpid()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM acts as before
+        try:
+            if os.getpid() == pid:  # not in a child forked from C, which kept the handler
+                cleanup()
+        finally:
+            if callable(previous):
+                previous(signum, frame)
+            else:  # SIG_DFL: die of SIGTERM, as without procsafe
+                os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    if not _FORK_HOOKED and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_sigterm_in_child)
+        _FORK_HOOKED.append(True)
+    _SIGTERM.append((handler, previous))
+
+    def undo() -> None:
+        if (handler, previous) in _SIGTERM:
+            _SIGTERM.remove((handler, previous))
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, previous)
+
+    return undo

@@ -1,0 +1,485 @@
+"""Descendants of this process: Linux procfs fast path, psutil elsewhere; subreaper; stop.
+
+The per-test leak check runs several times per test, so the common case (no children at
+all) must cost about a microsecond: on Linux the children of the test process are read
+with one ``pread`` of an already open ``/proc/<pid>/task/<tid>/children`` file per thread
+(a full ``/proc`` scan or psutil costs about 1 ms). Deeper levels, start times and command
+lines are read only for processes that exist. Without children files (a kernel built
+without ``CONFIG_PROC_CHILDREN``) a full ``/proc`` scan is the fallback; elsewhere psutil.
+
+Processes are identified by pid *and* start time, so a reused pid is never signalled.
+Reaping is by specific pid only, after multiprocessing and subprocess had the chance to
+reap their own: ``waitpid(-1)`` would steal their exit statuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Collection
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import Final
+from typing import NamedTuple
+from typing import final
+
+LINUX: Final = sys.platform.startswith("linux")
+
+#: How long SIGKILLed processes may take to disappear before we give up on them.
+KILL_WAIT: Final = 5.0
+
+_PR_SET_CHILD_SUBREAPER: Final = 36
+_PR_GET_CHILD_SUBREAPER: Final = 37
+_SIGKILL: Final = getattr(signal, "SIGKILL", signal.SIGTERM)
+
+
+class Proc(NamedTuple):
+    """One process as the table saw it; (pid, start) identifies it across pid reuse."""
+
+    pid: int
+    ppid: int
+    #: Opaque start time: clock ticks since boot on Linux, psutil's create_time elsewhere.
+    start: float
+    zombie: bool
+
+
+# --- reading one process ------------------------------------------------------------------
+
+
+def stat(pid: int) -> Proc | None:
+    """The process *pid* now, or None when there is none."""
+    if LINUX:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as file:
+                data = file.read()
+        except OSError:
+            return None
+        # The command name may hold spaces and parentheses: split after the last ')'.
+        fields = data[data.rindex(b")") + 2 :].split(b" ", 20)
+        state = fields[0]
+        if state in (b"X", b"x"):  # dead, being removed: as good as gone
+            return None
+        return Proc(pid, int(fields[1]), int(fields[19]), state == b"Z")
+    psutil = _psutil()
+    try:
+        process = psutil.Process(pid)
+        with process.oneshot():
+            return Proc(
+                pid,
+                process.ppid(),
+                process.create_time(),
+                process.status() == psutil.STATUS_ZOMBIE,
+            )
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def cmdline(pid: int) -> tuple[str, ...]:
+    """The command line of *pid*; ``("[name]",)`` when it has none (zombies, kernel)."""
+    if LINUX:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                raw = file.read()
+            if raw:
+                return tuple(os.fsdecode(part) for part in raw.rstrip(b"\0").split(b"\0"))
+            with open(f"/proc/{pid}/comm", "rb") as file:
+                return (f"[{os.fsdecode(file.read().strip())}]",)
+        except OSError:
+            return ()
+    psutil = _psutil()
+    try:
+        process = psutil.Process(pid)
+        try:
+            return tuple(process.cmdline()) or (f"[{process.name()}]",)
+        except (psutil.ZombieProcess, psutil.AccessDenied):
+            return (f"[{process.name()}]",)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ()
+
+
+def descends(proc: Proc, root: int) -> bool:
+    """Whether *proc* is, right now, a descendant of *root* (walks the ppid chain)."""
+    seen = 0
+    current: Proc | None = proc
+    while current is not None and seen < 256:
+        if current.ppid == root:
+            return True
+        if current.ppid <= 1:
+            return False
+        current = stat(current.ppid)
+        seen += 1
+    return False
+
+
+def same(proc: Proc) -> Proc | None:
+    """*proc* now, if its pid still belongs to the same process (start time matches)."""
+    current = stat(proc.pid)
+    return current if current is not None and current.start == proc.start else None
+
+
+# --- the table ----------------------------------------------------------------------------
+
+
+@final
+class ProcTable:
+    """The descendants of *root* (default: this process), read as cheaply as possible."""
+
+    def __init__(self, root: int | None = None) -> None:
+        self.root: Final = os.getpid() if root is None else root
+        self.fast: Final = LINUX and os.path.exists(f"/proc/{self.root}/task/{self.root}/children")
+        # tid -> open fd of its children file; reading an open seq file at offset 0 with
+        # pread regenerates it, which is what makes the clean case cost one syscall.
+        self._fds: dict[int, int] = {}
+        self._tasks = -1  # open fd of /proc/<root>/task, for the full listing
+
+    def close(self) -> None:
+        for fd in [*self._fds.values(), self._tasks]:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fds.clear()
+        self._tasks = -1
+
+    def tree(self, prune: Collection[int] = (), *, full: bool = False) -> dict[int, int]:
+        """``{pid: ppid}`` for every descendant; the subtrees under *prune* are not walked.
+
+        The fast form reads the children of the root's main thread and Python threads;
+        *full* those of every task of the root: threads started from C, and a Python
+        thread already joined whose OS thread has not exited yet (its children move to
+        the main thread only then).
+        """
+        if not LINUX:
+            return self._tree_psutil(prune)
+        if not self.fast:
+            return self._tree_scan(prune)
+        first = self._root_children(full)
+        if not first:
+            return {}
+        found: dict[int, int] = {}
+        todo = [(pid, self.root) for pid in first]
+        while todo:
+            pid, ppid = todo.pop()
+            if pid in found:
+                continue
+            found[pid] = ppid
+            if pid not in prune:
+                todo.extend((child, pid) for child in children(pid))
+        return found
+
+    def _root_children(self, full: bool) -> list[int]:
+        if self.root != os.getpid():  # a forked child running this code: no fd sharing
+            return children(self.root)
+        tids: Collection[int]
+        if full:
+            if self._tasks < 0:
+                self._tasks = os.open(f"/proc/{self.root}/task", os.O_RDONLY | os.O_DIRECTORY)
+            tids = [int(tid) for tid in os.listdir(self._tasks)]
+        elif threading.active_count() == 1:
+            # The hot path of every clean test: one pread.
+            fd = self._fds.get(self.root)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    data = os.pread(fd, 65536, 0)
+                    if len(data) < 65536:
+                        return [int(pid) for pid in data.split()]
+            tids = (self.root,)
+        else:
+            tids = {self.root}
+            tids.update(t.native_id for t in threading.enumerate() if t.native_id is not None)
+        if len(self._fds) > len(tids):
+            for tid in [tid for tid in self._fds if tid not in tids]:
+                with contextlib.suppress(OSError):
+                    os.close(self._fds.pop(tid))
+        out: list[int] = []
+        for tid in tids:
+            fd = self._fds.get(tid)
+            try:
+                data = os.pread(fd, 65536, 0) if fd is not None else self._reopen(tid)
+            except OSError:
+                data = self._reopen(tid)  # the thread ended, or its tid was reused
+            if len(data) == 65536:
+                data = self._reopen(tid)
+            out.extend(int(pid) for pid in data.split())
+        return out
+
+    def _reopen(self, tid: int) -> bytes:
+        old = self._fds.pop(tid, None)
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.close(old)
+        path = f"/proc/{self.root}/task/{tid}/children"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return b""
+        self._fds[tid] = fd
+        data = os.pread(fd, 65536, 0)
+        if len(data) == 65536:  # more children than one read holds: read them all
+            with open(path, "rb") as file:
+                data = file.read()
+        return data
+
+    def _tree_scan(self, prune: Collection[int]) -> dict[int, int]:
+        parents: dict[int, list[int]] = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                proc = stat(int(name))
+                if proc is not None:
+                    parents.setdefault(proc.ppid, []).append(proc.pid)
+        return _walk(parents, self.root, prune)
+
+    def _tree_psutil(self, prune: Collection[int]) -> dict[int, int]:
+        psutil = _psutil()
+        parents: dict[int, list[int]] = {}
+        try:
+            found = psutil.Process(self.root).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return {}
+        for child in found:
+            try:
+                parents.setdefault(child.ppid(), []).append(child.pid)
+            except psutil.NoSuchProcess:
+                continue
+        return _walk(parents, self.root, prune)
+
+
+def children(pid: int) -> list[int]:
+    """Children of *pid* from every one of its tasks (Linux); [] when it is gone."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as file:
+                out.extend(int(child) for child in file.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def _walk(parents: dict[int, list[int]], root: int, prune: Collection[int]) -> dict[int, int]:
+    found: dict[int, int] = {}
+    todo = [root]
+    while todo:
+        parent = todo.pop()
+        for child in parents.get(parent, ()):
+            if child not in found:
+                found[child] = parent
+                if child not in prune:
+                    todo.append(child)
+    return found
+
+
+def _psutil() -> Any:
+    # Imported lazily: psutil is a dependency only off Linux, and costs import time.
+    import psutil
+
+    return psutil
+
+
+# --- subreaper ----------------------------------------------------------------------------
+
+
+def set_subreaper(on: bool) -> bool | None:
+    """Make this process a child subreaper (Linux); return the previous value, None if n/a.
+
+    Orphaned grandchildren are then re-parented to us instead of init, so the leak checks
+    can see, report and reap them.
+    """
+    if not LINUX:
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        previous = ctypes.c_int(0)
+        if libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(previous), 0, 0, 0) != 0:
+            return None
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return bool(previous.value)
+
+
+# --- Python-level owners of direct children -----------------------------------------------
+
+
+def python_children(*, deep: bool = False) -> dict[int, object]:
+    """Direct children this interpreter has objects for: ``{pid: Process or Popen}``.
+
+    Calls `multiprocessing.active_children`, which reaps multiprocessing's finished
+    children first. With *deep*, live ``subprocess.Popen`` objects are found by a scan
+    of the garbage collector's objects (slow; only used when there is a candidate leak).
+    """
+    found: dict[int, object] = {}
+    for process in multiprocessing.active_children():
+        if process.pid is not None:
+            found[process.pid] = process
+    # Popen objects dropped while their process ran wait here to be reaped (CPython).
+    for popen in list(getattr(subprocess, "_active", None) or ()):
+        if isinstance(popen, subprocess.Popen) and popen.returncode is None:
+            found.setdefault(popen.pid, popen)
+    if deep:
+        for obj in gc.get_objects():
+            if isinstance(obj, subprocess.Popen) and obj.returncode is None:
+                found.setdefault(obj.pid, obj)
+    return found
+
+
+def _pools_of(pids: Collection[int]) -> list[Any]:
+    """Live pools with a worker among *pids* (their worker handler respawns dead workers)."""
+    module = sys.modules.get("multiprocessing.pool")
+    if module is None:  # never imported: there is no pool
+        return []
+    pools = []
+    for obj in gc.get_objects():
+        if isinstance(obj, module.Pool):
+            workers = getattr(obj, "_pool", None) or ()
+            if any(getattr(worker, "pid", None) in pids for worker in workers):
+                pools.append(obj)
+    return pools
+
+
+# --- signalling, reaping, stopping --------------------------------------------------------
+
+
+def send(proc: Proc, signum: int, root: int) -> bool:
+    """Send *signum* to *proc* if it is the same process and still a descendant of *root*."""
+    pidfd = -1
+    if LINUX and hasattr(os, "pidfd_open"):
+        # A pidfd pins the process: checked through it, the identity cannot change before
+        # the signal is sent (no pid-reuse race).
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except OSError:
+            return False
+    try:
+        current = same(proc)
+        if current is None or current.zombie or not descends(current, root):
+            return False
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, signum)
+        else:
+            os.kill(proc.pid, signum)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def reap(procs: Iterable[Proc], root: int, handles: Mapping[int, object] | None = None) -> None:
+    """Reap the zombies among *procs* that are our direct children, by pid.
+
+    multiprocessing's and subprocess's own children are reaped through their objects
+    (*handles* may add Popen objects found by a deep scan), so their exit statuses stay
+    right; only the others are ``waitpid``-ed, one pid at a time.
+    """
+    if os.getpid() != root:
+        return
+    owners = python_children()
+    if handles:
+        owners.update(handles)
+    for proc in procs:
+        current = same(proc)
+        if current is None or not current.zombie or current.ppid != root:
+            continue
+        handle = owners.get(proc.pid)
+        if isinstance(handle, subprocess.Popen):
+            handle.poll()
+        elif handle is None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(proc.pid, os.WNOHANG)
+
+
+def running(procs: Iterable[Proc]) -> list[Proc]:
+    """Those of *procs* that still exist and have not exited."""
+    out = []
+    for proc in procs:
+        current = same(proc)
+        if current is not None and not current.zombie:
+            out.append(current)
+    return out
+
+
+def remaining(procs: Iterable[Proc]) -> list[Proc]:
+    """Those of *procs* that still exist, zombies included."""
+    return [current for current in map(same, procs) if current is not None]
+
+
+def wait_gone(
+    procs: Sequence[Proc],
+    timeout: float,
+    root: int,
+    handles: Mapping[int, object] | None = None,
+) -> list[Proc]:
+    """Reap and wait until none of *procs* is left or *timeout* passes; return the rest."""
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        reap(procs, root, handles)
+        left = remaining(procs)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, 0.05)
+
+
+def depth_order(procs: Sequence[Proc]) -> list[Proc]:
+    """*procs* with children before their parents (deepest first)."""
+    parent = {proc.pid: proc.ppid for proc in procs}
+
+    def depth(proc: Proc) -> int:
+        level, pid = 0, proc.ppid
+        while pid in parent and level < len(parent):
+            level, pid = level + 1, parent[pid]
+        return level
+
+    return sorted(procs, key=depth, reverse=True)
+
+
+def stop(procs: Sequence[Proc], grace: float, root: int, *, pools: bool = True) -> dict[int, str]:
+    """Stop a set of processes (whole trees): children before parents, SIGTERM, SIGKILL
+    after *grace*, then reap. Returns ``{pid: "killed" | "reaped"}``.
+
+    Only verified descendants of *root* are signalled. With *pools*, a multiprocessing
+    pool among them is terminated afterwards, because its handler thread respawns the
+    workers that die (not from a signal handler: that joins threads).
+    """
+    ordered = depth_order(procs)
+    pids = {proc.pid for proc in ordered}
+    # Found before any signal: a pool forgets its dead workers' pids when it respawns.
+    found = _pools_of(pids) if pools else []
+    handles = {
+        pid: handle
+        for pid, handle in python_children(deep=pools).items()
+        if pid in pids and isinstance(handle, subprocess.Popen)
+    }
+    actions = dict.fromkeys(pids, "reaped")
+    for proc in ordered:
+        if send(proc, signal.SIGTERM, root):
+            actions[proc.pid] = "killed"
+    left = running(wait_gone(ordered, grace, root, handles))
+    for proc in depth_order(left):
+        if send(proc, _SIGKILL, root):
+            actions[proc.pid] = "killed"
+    wait_gone(ordered, KILL_WAIT if left else 0.0, root, handles)
+    for pool in found:
+        # Its workers are gone; terminate() now only stops its handler threads and the
+        # idle workers it may have respawned meanwhile (terminating first could block
+        # forever joining a worker that ignores SIGTERM).
+        pool.terminate()
+    return actions

@@ -1,0 +1,145 @@
+"""What the leak checks found, for people and for tools: messages, summary, JSON report.
+
+Records are plain dicts (the JSON report's ``leaks`` entries: owner, kind, pid, ppid,
+cmdline, phase, action) so they can travel from xdist workers to the controller as they
+are. Leaked process trees are drawn as trees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from typing import Final
+from typing import final
+
+VERSION: Final = 1
+KINDS: Final = ("leaked", "zombie", "orphan")
+#: Longest command line shown in messages and the summary (the JSON report has it all).
+WIDTH: Final = 160
+
+Record = Mapping[str, Any]
+
+_WHEN: Final = {
+    "killed": "stopped",
+    "reaped": "reaped",
+    "kept": "kept (--procsafe-cleanup=keep)",
+}
+
+
+def command(record: Record, width: int = WIDTH) -> str:
+    """The record's command line joined with spaces, shortened to *width*."""
+    text = " ".join(record["cmdline"]) or "?"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _line(record: Record, action: bool) -> str:
+    done = f", {record['action']}" if action else ""
+    return (
+        f"{record['kind']} pid {record['pid']} (appeared in {record['phase']}{done}): "
+        f"{command(record)}"
+    )
+
+
+def tree_lines(records: Sequence[Record], *, action: bool = True) -> list[str]:
+    """One line per record, children under their parent with ``├─``/``└─`` guides."""
+    by_pid = {record["pid"]: record for record in records}
+    kids: dict[int, list[Record]] = {}
+    roots = []
+    for record in records:
+        if record["ppid"] in by_pid and record["ppid"] != record["pid"]:
+            kids.setdefault(record["ppid"], []).append(record)
+        else:
+            roots.append(record)
+    lines: list[str] = []
+
+    def draw(record: Record, lead: str, guide: str, depth: int) -> None:
+        lines.append(lead + guide + _line(record, action))
+        below = kids.get(record["pid"], [])
+        if depth > len(records):  # a ppid cycle cannot happen, but never loop
+            return
+        inner = lead + ("   " if guide == "└─ " else "│  " if guide else "")
+        for index, child in enumerate(below):
+            draw(child, inner, "└─ " if index == len(below) - 1 else "├─ ", depth + 1)
+
+    for record in roots:
+        draw(record, "", "", 0)
+    return lines
+
+
+def describe(owner: str, records: Sequence[Record], cleanup: str) -> str:
+    """The warning / failure text for one owner's leaks."""
+    count = len(records)
+    noun = "process" if count == 1 else "processes"
+    head = f"procsafe: {owner} left {count} {noun} behind:"
+    deferred = cleanup == "session"
+    body = "\n".join("  " + line for line in tree_lines(records, action=not deferred))
+    actions = {str(record["action"]) for record in records}
+    if deferred and actions & {"killed", "reaped"}:
+        tail = "they are stopped at the end of the session (--procsafe-cleanup=session)"
+    elif actions == {"kept"}:
+        tail = "they were kept running (--procsafe-cleanup=keep); stop them yourself"
+    else:
+        tail = "they were " + " / ".join(sorted(_WHEN[action] for action in actions))
+    return f"{head}\n{body}\n{tail}"
+
+
+@final
+class Report:
+    """Every leak of the run, in the order found (xdist: every worker's too)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, records: Iterable[Record]) -> None:
+        self.records.extend(dict(record) for record in records)
+
+    def set_action(self, owner: str, pid: int, action: str) -> None:
+        """Record what was done in the end (session cleanup acts after the report)."""
+        for record in reversed(self.records):
+            if record["owner"] == owner and record["pid"] == pid:
+                record["action"] = action
+                return
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(KINDS, 0)
+        for record in self.records:
+            counts[record["kind"]] = counts.get(record["kind"], 0) + 1
+        return counts
+
+    def summary(self) -> list[str]:
+        """The lines of the terminal summary's ``procsafe`` section (none when clean)."""
+        if not self.records:
+            return []
+        counts = ", ".join(f"{n} {kind}" for kind, n in self.counts().items() if n)
+        lines = [f"{len(self.records)} left behind ({counts})"]
+        owners: dict[str, list[Record]] = {}
+        for record in self.records:
+            owners.setdefault(record["owner"], []).append(record)
+        for owner, records in owners.items():
+            lines.append(owner)
+            lines.extend("    " + line for line in tree_lines(records))
+        return lines
+
+    def as_json(self) -> dict[str, Any]:
+        return {"version": VERSION, "leaks": self.records, "counts": self.counts()}
+
+    def write(self, path: Path) -> None:
+        """Write the JSON report atomically: readers never see half a file."""
+        data = json.dumps(self.as_json(), indent=2) + "\n"
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(data)
+            os.chmod(temp, 0o644)  # mkstemp's 0600 is for the temporary name only
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
