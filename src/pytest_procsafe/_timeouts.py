@@ -101,6 +101,7 @@ class Watch:
         Raises `ChannelTimeout` when the timeout passes, or as soon as the senders are
         gone while ``stuck()`` still holds (*stuck_reason* says what that means).
         """
+        __tracebackhide__ = True  # pytest shows the test's own call, not this loop
         limit = self.timeout if timeout is DEFAULT else timeout
         start = time.monotonic()
         while True:

@@ -188,14 +188,17 @@ class ProcsafeConnection:
         return self._conn.poll(timeout)
 
     def recv(self, *, timeout: Timeout = DEFAULT) -> Any:
+        __tracebackhide__ = True
         self._await("recv()", timeout)
         return self._conn.recv()
 
     def recv_bytes(self, maxlength: int | None = None, *, timeout: Timeout = DEFAULT) -> bytes:
+        __tracebackhide__ = True
         self._await("recv_bytes()", timeout)
         return self._conn.recv_bytes(maxlength)
 
     def recv_bytes_into(self, buf: Any, offset: int = 0, *, timeout: Timeout = DEFAULT) -> int:
+        __tracebackhide__ = True
         self._await("recv_bytes_into()", timeout)
         return self._conn.recv_bytes_into(buf, offset)
 
@@ -211,6 +214,7 @@ class ProcsafeConnection:
             self._skipper.skip(self._conn)
 
     def _await(self, call: str, timeout: Timeout) -> None:
+        __tracebackhide__ = True
         limit = timeout if timeout is DEFAULT else check_timeout(timeout)
         if limit is None:
             return  # explicitly unbounded: the plain blocking read
@@ -272,6 +276,7 @@ class ProcsafeQueue(_QueueBase):
         return self._procsafe_label
 
     def get(self, block: bool = True, timeout: Timeout = DEFAULT) -> Any:
+        __tracebackhide__ = True
         if timeout is not DEFAULT:
             return super().get(block, timeout)
         if not block:
@@ -293,6 +298,7 @@ class ProcsafeQueue(_QueueBase):
         )
 
     def put(self, obj: Any, block: bool = True, timeout: Timeout = DEFAULT) -> None:
+        __tracebackhide__ = True
         self._procsafe_fed = True
         if timeout is not DEFAULT:
             return super().put(obj, block, timeout)
@@ -380,6 +386,7 @@ class ProcsafeJoinableQueue(ProcsafeQueue, _JoinableBase):
         _unfinished_tasks: Any
 
     def join(self, timeout: Timeout = DEFAULT) -> None:
+        __tracebackhide__ = True
         limit = timeout if timeout is DEFAULT else check_timeout(timeout)
         if limit is None:
             return super().join()

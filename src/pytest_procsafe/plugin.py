@@ -10,6 +10,7 @@ import multiprocessing
 from collections.abc import Generator
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
+from multiprocessing.managers import SyncManager
 from typing import Final
 from typing import final
 
@@ -19,7 +20,10 @@ from pytest_procsafe import _config
 from pytest_procsafe import _imports
 from pytest_procsafe import _leaks
 from pytest_procsafe import _methods
+from pytest_procsafe._channels import Channels
 from pytest_procsafe._workers import WorkerGroup
+from pytest_procsafe._wrappers import ProcsafeConnection
+from pytest_procsafe._wrappers import ProcsafeQueue
 
 _METAVARS: Final = {
     "leaks": "MODE",
@@ -220,6 +224,66 @@ def mp_process(
 
 
 # --- channels ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mp_channels(
+    request: pytest.FixtureRequest, mp_context: BaseContext, mp_process: WorkerGroup
+) -> Iterator[Channels]:
+    """Channels bound to ``mp_context``: ``.pipe(duplex=True)``, ``.queue(maxsize=0)``,
+    ``.joinable_queue(maxsize=0)``, ``.manager()``.
+
+    Blocking reads default to the procsafe timeout and raise `ChannelTimeout`, saying what
+    the workers are doing. At teardown what the test did not read is drained while the
+    workers are joined, then everything is closed: queues with their feeder threads
+    joined, pipes, and managers (terminated, then killed, if they do not stop).
+    """
+    item = request.node
+    assert isinstance(item, pytest.Item)
+    settings = _config.item_settings(item)
+    group = mp_process
+
+    def workers_done() -> bool:
+        workers = group.workers
+        return bool(workers) and all(w.process.exitcode is not None for w in workers)
+
+    channels = Channels(
+        mp_context,
+        timeout=settings.timeout,
+        kill_grace=settings.kill_grace,
+        diagnose=group.diagnose,
+        workers_done=workers_done,
+    )
+    yield channels
+    try:
+        # Drain first and while the workers are joined: a worker blocked writing (or
+        # flushing its queue as it exits) finishes only once someone reads. Only now:
+        # during the test, a join must not swallow what the test still means to read.
+        channels.drain()
+        group.add_pump(channels.drain)
+        group.close()  # idempotent; mp_process's own teardown reports its problems
+    finally:
+        problems = channels.close()
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def mp_pipe(mp_channels: Channels) -> tuple[ProcsafeConnection, ProcsafeConnection]:
+    """A duplex pipe ``(left, right)`` bound to ``mp_context``; see ``mp_channels``."""
+    return mp_channels.pipe(name="mp_pipe")
+
+
+@pytest.fixture
+def mp_queue(mp_channels: Channels) -> ProcsafeQueue:
+    """A Queue bound to ``mp_context``; see ``mp_channels``."""
+    return mp_channels.queue(name="mp_queue")
+
+
+@pytest.fixture
+def mp_manager(mp_channels: Channels) -> SyncManager:
+    """A started ``SyncManager`` bound to ``mp_context``, shut down at teardown."""
+    return mp_channels.manager(name="mp_manager")
 
 
 # --- leak checks ------------------------------------------------------------------------
