@@ -242,6 +242,12 @@ class Channels:
     def watch(self) -> Watch:
         return self._watch
 
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        raise TypeError(
+            "mp_channels cannot be sent to another process; pass the pipes and queues it "
+            "made (they travel as multiprocessing's own do)"
+        )
+
     def __repr__(self) -> str:
         state = "closed" if self._problems is not None else f"{len(self._resources)} made"
         return f"<Channels {self._context.get_start_method()} {state}>"

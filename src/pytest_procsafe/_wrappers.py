@@ -14,9 +14,6 @@ Imported inside workers too (when a channel is unpickled there): no pytest, no p
 from __future__ import annotations
 
 import multiprocessing.queues
-import os
-import struct
-import sys
 import time
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
@@ -24,11 +21,11 @@ from queue import Empty
 from queue import Full
 from typing import TYPE_CHECKING
 from typing import Any
-from typing import Final
 from typing import Literal
 from typing import TypeAlias
 from typing import final
 
+from pytest_procsafe._frames import Skipper
 from pytest_procsafe._timeouts import DEFAULT
 from pytest_procsafe._timeouts import MISS
 from pytest_procsafe._timeouts import STEP
@@ -49,76 +46,6 @@ else:
     _QueueBase = multiprocessing.queues.Queue
     _JoinableBase = multiprocessing.queues.JoinableQueue
 
-#: Bytes one drain call discards from one channel at most, so a writer producing without
-#: end cannot keep teardown in one call forever.
-_DRAIN_BUDGET: Final = 16 << 20
-#: multiprocessing's framing: a 4-byte big-endian length, or -1 then an 8-byte length.
-_LONG_MARK: Final = struct.pack("!i", -1)
-
-
-@final
-class _Skipper:
-    """Discards whole messages from a connection without ever blocking.
-
-    ``Connection.recv_bytes`` blocks until a message is complete. A writer killed half-way
-    through a large message (its feeder thread stuck on a full pipe) would hang it forever,
-    because the test process itself still holds the write end. So this reads raw bytes,
-    follows multiprocessing's framing and keeps its place in a message across calls.
-    """
-
-    def __init__(self) -> None:
-        self._header = b""
-        self._left = 0  # body bytes of the current message still to discard
-        self.ended = False
-
-    @property
-    def mid_message(self) -> bool:
-        return bool(self._header) or self._left > 0
-
-    def skip(self, conn: Connection[Any, Any]) -> int:
-        """Discard what is readable now; return how many messages were completed."""
-        if sys.platform == "win32":  # message-mode pipes: a message is never cut
-            return self._skip_whole(conn)
-        done, budget, fd = 0, _DRAIN_BUDGET, conn.fileno()
-        while budget > 0 and not self.ended and conn.poll(0):
-            if self._left:
-                want = min(self._left, budget, 1 << 20)
-            else:
-                want = (12 if self._header[:4] == _LONG_MARK else 4) - len(self._header)
-            chunk = os.read(fd, want)
-            if not chunk:
-                self.ended = True
-                break
-            budget -= len(chunk)
-            if self._left:
-                self._left -= len(chunk)
-                if not self._left:
-                    done += 1
-                continue
-            self._header += chunk
-            if len(self._header) == 4 and self._header != _LONG_MARK:
-                (size,) = struct.unpack("!i", self._header)
-            elif len(self._header) == 12:
-                (size,) = struct.unpack("!Q", self._header[4:])
-            else:
-                continue
-            self._header = b""
-            self._left = size
-            if not size:
-                done += 1
-        return done
-
-    def _skip_whole(self, conn: Connection[Any, Any]) -> int:
-        done = 0
-        while done < 1000 and conn.poll(0):  # bounded, like the byte budget above
-            try:
-                conn.recv_bytes()
-            except EOFError:
-                self.ended = True
-                break
-            done += 1
-        return done
-
 
 @final
 class ProcsafeConnection:
@@ -134,7 +61,7 @@ class ProcsafeConnection:
         self._label = label
         self._watch = watch
         self._sent = False
-        self._skipper = _Skipper()
+        self._skipper = Skipper()
 
     def __reduce__(self) -> tuple[Callable[..., ProcsafeConnection], tuple[Any, ...]]:
         # Through the inner Connection, so multiprocessing's reducers (fd passing) apply.
@@ -257,7 +184,7 @@ class ProcsafeQueue(_QueueBase):
         self._procsafe_label = label
         self._procsafe_watch = watch
         self._procsafe_fed = False  # this process put items: they are for someone else
-        self._procsafe_skipper = _Skipper()
+        self._procsafe_skipper = Skipper()
         self._procsafe_locked = False  # the drain holds the read lock mid-message
 
     def __getstate__(self) -> Any:

@@ -12,6 +12,7 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import struct
 import sys
 import threading
 import time
@@ -28,6 +29,7 @@ import pytest
 import pytest_procsafe
 from pytest_procsafe import _channels
 from pytest_procsafe._channels import Channels
+from pytest_procsafe._frames import Skipper
 from pytest_procsafe._timeouts import ChannelTimeout
 from pytest_procsafe._wrappers import ProcsafeConnection
 from pytest_procsafe._wrappers import ProcsafeQueue
@@ -141,7 +143,7 @@ def exit_with_3(*channels: object) -> None:
 
 
 def put_later(queue: ProcsafeQueue) -> None:
-    time.sleep(0.5)
+    time.sleep(0.3)  # several wait steps: the reader must keep waiting for it
     queue.put("late")
 
 
@@ -212,7 +214,7 @@ def test_joinable_queue_round_trip(lab: Lab) -> None:
 
 
 def test_children_keep_the_default_timeout_without_a_diagnosis(lab: Lab) -> None:
-    channels = lab.channels(timeout=0.3)
+    channels = lab.channels(timeout=0.2)
     queue = channels.queue(name="q")
     _, right = channels.pipe(name="p")
     reader, writer = channels.pipe(duplex=False)
@@ -220,8 +222,8 @@ def test_children_keep_the_default_timeout_without_a_diagnosis(lab: Lab) -> None
     texts = reader.recv(timeout=PROMPTLY)
     assert writer.label == "pipe #1 writer"
     assert texts == [
-        "get() on q timed out after 0.3s (the procsafe timeout)",
-        "recv() on p right timed out after 0.3s (the procsafe timeout)",
+        "get() on q timed out after 0.2s (the procsafe timeout)",
+        "recv() on p right timed out after 0.2s (the procsafe timeout)",
     ]
 
 
@@ -374,6 +376,32 @@ def test_drain_spares_what_the_test_sent_to_its_workers(lab: Lab) -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="a message is never cut on Windows pipes")
+def test_the_skipper_follows_the_framing_across_cut_messages() -> None:
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    skipper = Skipper()
+
+    def skip() -> tuple[int, bool, bool]:
+        """Messages completed, whether one is half-read, whether the writer hung up."""
+        return skipper.skip(reader), skipper.mid_message, skipper.ended
+
+    with reader, writer:
+        writer.send_bytes(b"a")
+        writer.send_bytes(b"")
+        os.write(writer.fileno(), struct.pack("!i", 7)[:2])  # cut inside the header
+        assert skip() == (2, True, False)
+        os.write(writer.fileno(), struct.pack("!i", 7)[2:] + b"1234")  # cut inside the body
+        assert skip() == (0, True, False)
+        os.write(writer.fileno(), b"567")
+        # The long form, used above 2 GiB: -1, then an 8-byte length.
+        os.write(writer.fileno(), struct.pack("!i", -1) + struct.pack("!Q", 3) + b"xyz")
+        writer.send_bytes(b"last")
+        assert skip() == (3, False, False)
+        assert not reader.poll(0)
+        writer.close()
+        assert skip() == (0, False, True)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a message is never cut on Windows pipes")
 def test_drain_never_blocks_on_a_message_its_writer_cut_off(lab: Lab) -> None:
     channels = lab.channels()
     queue = channels.queue()
@@ -470,6 +498,8 @@ def test_bad_arguments_and_use_after_close_are_clear_errors(local: Lab) -> None:
         channels.pipe("yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="name must be a non-empty string, got ''"):
         channels.joinable_queue(name="")
+    with pytest.raises(TypeError, match="mp_channels cannot be sent to another process"):
+        pickle.dumps(channels)
     queue = channels.queue()
     assert repr(queue) == "<ProcsafeQueue 'queue #1'>"
     assert channels.close() == channels.close() == []

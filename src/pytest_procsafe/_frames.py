@@ -1,0 +1,87 @@
+"""Skipping whole messages on a multiprocessing connection without ever blocking.
+
+``Connection.recv_bytes`` blocks until a message is complete. A writer killed half-way
+through a large message (a worker's feeder thread stuck on a full pipe when the worker was
+killed) would hang it forever, because the test process itself still holds the write end.
+`Skipper` reads raw bytes instead, follows multiprocessing's framing (a 4-byte big-endian
+length, or -1 then an 8-byte length for messages over 2 GiB) and keeps its place in a
+message from one call to the next.
+
+Imported inside workers too (with the channels): no pytest, no plugin.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import Final
+from typing import final
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+#: Bytes one call discards at most, so a writer producing without end cannot keep
+#: teardown in one call forever.
+_BUDGET: Final = 16 << 20
+_LONG_MARK: Final = struct.pack("!i", -1)
+
+
+@final
+class Skipper:
+    """Discards whole messages from one connection, never blocking; one per connection."""
+
+    def __init__(self) -> None:
+        self._header = b""
+        self._left = 0  # body bytes of the current message still to discard
+        self.ended = False
+
+    @property
+    def mid_message(self) -> bool:
+        return bool(self._header) or self._left > 0
+
+    def skip(self, conn: Connection[Any, Any]) -> int:
+        """Discard what is readable now; return how many messages were completed."""
+        if sys.platform == "win32":  # message-mode pipes: a message is never cut
+            return self._skip_whole(conn)
+        done, budget, fd = 0, _BUDGET, conn.fileno()
+        while budget > 0 and not self.ended and conn.poll(0):
+            if self._left:
+                want = min(self._left, budget, 1 << 20)
+            else:
+                want = (12 if self._header[:4] == _LONG_MARK else 4) - len(self._header)
+            chunk = os.read(fd, want)
+            if not chunk:
+                self.ended = True
+                break
+            budget -= len(chunk)
+            if self._left:
+                self._left -= len(chunk)
+                if not self._left:
+                    done += 1
+                continue
+            self._header += chunk
+            if len(self._header) == 4 and self._header != _LONG_MARK:
+                (size,) = struct.unpack("!i", self._header)
+            elif len(self._header) == 12:
+                (size,) = struct.unpack("!Q", self._header[4:])
+            else:
+                continue
+            self._header = b""
+            self._left = size
+            if not size:
+                done += 1
+        return done
+
+    def _skip_whole(self, conn: Connection[Any, Any]) -> int:
+        done = 0
+        while done < 1000 and conn.poll(0):  # bounded, like the byte budget above
+            try:
+                conn.recv_bytes()
+            except EOFError:
+                self.ended = True
+                break
+            done += 1
+        return done
