@@ -14,7 +14,6 @@ pytest nor the plugin, and starts no thread.
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.managers
@@ -24,12 +23,12 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
 from typing import Any
-from typing import Literal
 from typing import Protocol
 from typing import TypeVar
 from typing import cast
 from typing import final
 
+from pytest_procsafe._outcomes import check_timeout
 from pytest_procsafe._timeouts import Watch
 from pytest_procsafe._timeouts import seconds
 from pytest_procsafe._wrappers import ProcsafeConnection
@@ -48,12 +47,6 @@ _MANAGER_PIDS: set[int] = set()
 def owned_pids() -> set[int]:
     """Manager processes procsafe still owns (the leak checks must not report them)."""
     return set(_MANAGER_PIDS)
-
-
-def _check_setting(name: str, value: object, allowed: Literal["> 0", ">= 0"]) -> None:
-    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    if number is None or math.isnan(number) or number < 0 or (allowed == "> 0" and number == 0):
-        raise ValueError(f"{name} must be a number of seconds {allowed}, got {value!r}")
 
 
 class Resource(Protocol):
@@ -214,8 +207,8 @@ class Channels:
         diagnose: Callable[[], str],
         workers_done: Callable[[], bool] | None = None,
     ) -> None:
-        _check_setting("timeout", timeout, "> 0")
-        _check_setting("kill_grace", kill_grace, ">= 0")
+        timeout = check_timeout("timeout", timeout, allow_zero=False)
+        check_timeout("kill_grace", kill_grace)
 
         def senders_gone() -> bool:
             # Workers are not the only possible senders: a test may feed a channel from
@@ -229,7 +222,7 @@ class Channels:
 
         self._context = context
         self._kill_grace = kill_grace
-        self._watch = Watch(float(timeout), diagnose, senders_gone)
+        self._watch = Watch(timeout, diagnose, senders_gone)
         self._resources: list[Resource] = []
         self._made: dict[str, int] = {}
         self._problems: list[str] | None = None

@@ -12,7 +12,6 @@ Imported inside workers too (when a channel is unpickled there): no pytest, no p
 from __future__ import annotations
 
 import enum
-import math
 import os
 import time
 from collections.abc import Callable
@@ -60,17 +59,6 @@ Timeout: TypeAlias = "float | Literal[Token.DEFAULT] | None"
 def seconds(value: float) -> str:
     """``30s``, ``0.25s``: how durations read in messages."""
     return f"{value:.3g}s"
-
-
-def check_timeout(value: object) -> float | None:
-    """An explicit ``timeout=`` argument as seconds, or None; a clear error otherwise."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise TypeError(f"timeout must be None or a number of seconds >= 0, got {value!r}")
-    if value < 0:
-        raise ValueError(f"timeout must be None or a number of seconds >= 0, got {value!r}")
-    return float(value)
 
 
 @final

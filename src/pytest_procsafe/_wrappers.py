@@ -26,13 +26,13 @@ from typing import TypeAlias
 from typing import final
 
 from pytest_procsafe._frames import Skipper
+from pytest_procsafe._outcomes import check_timeout
 from pytest_procsafe._timeouts import DEFAULT
 from pytest_procsafe._timeouts import MISS
 from pytest_procsafe._timeouts import STEP
 from pytest_procsafe._timeouts import Timeout
 from pytest_procsafe._timeouts import Token
 from pytest_procsafe._timeouts import Watch
-from pytest_procsafe._timeouts import check_timeout
 from pytest_procsafe._timeouts import seconds
 
 if TYPE_CHECKING:
@@ -142,9 +142,9 @@ class ProcsafeConnection:
 
     def _await(self, call: str, timeout: Timeout) -> None:
         __tracebackhide__ = True
-        limit = timeout if timeout is DEFAULT else check_timeout(timeout)
-        if limit is None:
+        if timeout is None:
             return  # explicitly unbounded: the plain blocking read
+        limit = timeout if timeout is DEFAULT else check_timeout("timeout", timeout)
 
         def attempt(step: float) -> Literal[Token.MISS] | None:
             return None if self._conn.poll(step) else MISS
@@ -314,9 +314,9 @@ class ProcsafeJoinableQueue(ProcsafeQueue, _JoinableBase):
 
     def join(self, timeout: Timeout = DEFAULT) -> None:
         __tracebackhide__ = True
-        limit = timeout if timeout is DEFAULT else check_timeout(timeout)
-        if limit is None:
+        if timeout is None:
             return super().join()
+        limit = timeout if timeout is DEFAULT else check_timeout("timeout", timeout)
         cond = self._cond
         unfinished = self._unfinished_tasks._semlock
 

@@ -326,15 +326,10 @@ def test_explicit_timeouts_keep_their_standard_meaning(local: Lab) -> None:
     assert feeder_threads() == []
 
 
-@pytest.mark.parametrize(
-    ("timeout", "error"),
-    [(-1, ValueError), ("1", TypeError), (True, TypeError), (float("nan"), TypeError)],
-)
-def test_a_bad_timeout_is_a_clear_error(
-    local: Lab, timeout: object, error: type[Exception]
-) -> None:
+@pytest.mark.parametrize("timeout", [-1, "1", True, float("nan")])
+def test_a_bad_timeout_is_a_clear_error(local: Lab, timeout: object) -> None:
     left, _ = local.channels().pipe()
-    with pytest.raises(error, match="timeout must be None or a number of seconds >= 0, got"):
+    with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0, got"):
         left.recv(timeout=timeout)  # type: ignore[arg-type]
 
 
