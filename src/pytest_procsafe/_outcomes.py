@@ -120,6 +120,8 @@ def wait_for(
         if not pending or remaining <= 0:
             return
         waitables: list[Any] = [obj for worker in pending for obj in worker._waitables()]
+        if not waitables:
+            continue  # they exited since _settled looked: look again, do not sleep
         connection.wait(waitables, min(remaining, PUMP_INTERVAL) if pump else remaining)
         if pump is not None:
             pump()

@@ -50,6 +50,7 @@ __all__ = [
     "WorkerError",
     "WorkerGroup",
     "WorkerTimeout",
+    "owned_pids",
     "stop_all",
 ]
 
@@ -60,6 +61,11 @@ _STACK_SIGNAL: Final = getattr(signal, "SIGUSR1", None)
 
 # Groups whose workers may still run: the session-end and SIGTERM paths stop them all.
 _LIVE: set[WorkerGroup] = set()
+
+
+def owned_pids() -> set[int]:
+    """Pids of the workers every open group still answers for (the leak checks skip them)."""
+    return {pid for group in list(_LIVE) for pid in group.owned_pids()}
 
 
 def stop_all(grace: float) -> None:
