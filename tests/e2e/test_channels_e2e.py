@@ -116,6 +116,16 @@ ROUND_TRIPS = """
 
     def test_the_test_puts_2mb_that_nobody_reads(mp_queue):
         mp_queue.put(b"x" * BIG)
+
+
+    def test_the_test_closes_them_itself(mp_queue, mp_pipe, mp_manager):
+        with mp_manager:
+            mp_manager.dict()["seen"] = True
+        mp_queue.put("flushed")
+        mp_queue.close()
+        mp_queue.join_thread()
+        for end in mp_pipe:
+            end.close()
 """
 
 FAILURES = """
@@ -156,7 +166,7 @@ def test_round_trips_pass_and_leave_nothing_behind(pytester: pytest.Pytester) ->
     pytester.makeconftest(NOTHING_LEFT)
     pytester.makepyfile(ROUND_TRIPS)
     result = run(pytester, "-v")
-    result.assert_outcomes(passed=8 * len(ALL))
+    result.assert_outcomes(passed=9 * len(ALL))
     for method in ALL:
         result.stdout.fnmatch_lines([f"*test_manager[[]{method}[]] PASSED*"])
 
