@@ -192,6 +192,7 @@ class Worker:
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the worker to exit; raise `WorkerTimeout` if it is still running."""
+        __tracebackhide__ = True  # pytest shows the caller's line, not ours
         limit = self._limit(timeout)
         wait_for([self], limit, pump=self._group._pumper())
         if self._process.exitcode is None:
@@ -209,6 +210,7 @@ class Worker:
         ``SystemExit`` with a non-zero code (``SystemExit(0)`` returns None); and
         `WorkerTimeout` when it has not finished within *timeout*.
         """
+        __tracebackhide__ = True  # pytest shows the caller's line, not ours
         limit = self._limit(timeout)
         wait_for([self], limit, pump=self._group._pumper(), for_outcome=True)
         outcome = self._outcome
@@ -232,6 +234,7 @@ class Worker:
 
         A worker stopped this way is not reported as crashed at teardown.
         """
+        __tracebackhide__ = True  # pytest shows the caller's line, not ours
         limit = self._group.kill_grace if grace is None else check_timeout("grace", grace)
         if self._process.exitcode is None:
             self._stopped = True
@@ -282,6 +285,7 @@ class Worker:
                 os.unlink(self.stack_file)
 
     def _interpret(self, outcome: Outcome, label: str) -> Any:
+        __tracebackhide__ = True
         if outcome.kind == VALUE:
             assert outcome.blob is not None
             try:
@@ -324,7 +328,7 @@ class Worker:
         return self._group.timeout if timeout is None else check_timeout("timeout", timeout)
 
     def _running(self, limit: float) -> str:
-        return f"is still running after {limit:g}s"
+        return f"is still running after {limit:g}s (teardown shows where it is stuck)"
 
     def _settled(self, for_outcome: bool) -> bool:
         self._collect()

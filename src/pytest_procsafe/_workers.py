@@ -116,6 +116,7 @@ class WorkerGroup:
         self, target: Callable[..., object], /, *args: object, **kwargs: object
     ) -> Worker:
         """Start ``target(*args, **kwargs)`` in a new worker."""
+        __tracebackhide__ = True  # pytest shows the caller's line, not ours
         return self.start(target, args, kwargs)
 
     def start(
@@ -128,6 +129,7 @@ class WorkerGroup:
         daemon: bool | None = None,
     ) -> Worker:
         """Start ``target(*args, **kwargs)`` in a new worker named *name*."""
+        __tracebackhide__ = True  # pytest shows the caller's line, not ours
         if self._problems is not None:
             raise WorkerError(f"the workers of {self.owner} are already torn down")
         if kwargs is not None and not isinstance(kwargs, Mapping):
@@ -178,6 +180,7 @@ class WorkerGroup:
 
     def join_all(self, timeout: float | None = None) -> None:
         """Wait for every worker to exit; raise `WorkerTimeout` naming those still running."""
+        __tracebackhide__ = True  # pytest shows the caller's line, not ours
         limit = self.timeout if timeout is None else check_timeout("timeout", timeout)
         wait_for(self._workers, limit, pump=self._pumper())
         running = [worker for worker in self._workers if worker.process.exitcode is None]
@@ -298,7 +301,7 @@ class WorkerGroup:
         for worker in asked:
             text = _read(worker.stack_file)
             if text.strip():
-                stacks[worker] = text
+                stacks[worker] = trim_stack(text)
         return stacks
 
     def _hang_report(self, worker: Worker, stack: str | None, killed: bool) -> str:
@@ -326,6 +329,27 @@ class WorkerGroup:
             f"<WorkerGroup of {self.owner!r} {self.start_method} "
             f"workers={len(self._workers)}{state}>"
         )
+
+
+def trim_stack(dump: str) -> str:
+    """A faulthandler dump without the frames below the target in each thread.
+
+    Below the bootstrap lie multiprocessing's internals and, under fork, the whole stack
+    of the test process at the moment it forked: noise next to where the worker is stuck.
+    """
+    below = f'File "{_bootstrap.__file__}"'
+    lines: list[str] = []
+    skipping = False
+    for line in dump.splitlines():
+        if not line.startswith(" "):  # a thread's header, or the blank line between them
+            skipping = False
+        elif skipping:
+            continue
+        elif below in line and line.rstrip().endswith(" in main"):
+            skipping = True
+            line = "  (the procsafe bootstrap and multiprocessing frames below are omitted)"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _make_stack_file() -> str | None:

@@ -1,0 +1,139 @@
+"""End-to-end: what runs under fork runs under spawn and forkserver, in every import mode.
+
+The inner project has no ``__init__.py`` anywhere, which is the hard case for
+``--import-mode=importlib``: a spawn/forkserver child can import neither the test modules
+nor the conftest by name unless procsafe carries the parent's module map into it.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from survivors import no_survivors
+
+from pytest_procsafe import _methods
+
+METHODS = _methods.available()
+RUN_LIMIT = 240.0  # an inner run that takes this long is hung: fail instead of waiting
+
+CONFTEST = """
+    import pytest
+
+
+    def triple(x):
+        return 3 * x
+
+
+    @pytest.fixture
+    def conftest_target():
+        return triple
+"""
+
+TOP = """
+    import concurrent.futures
+
+    WAIT = 30
+
+
+    def cube(x):
+        return x ** 3
+
+
+    def put_cube(queue, x):
+        queue.put(cube(x))
+
+
+    class Greeter:
+        def __init__(self, name):
+            self.name = name
+
+        def greet(self):
+            return f"hi {self.name}"
+
+
+    def test_module_level_target(mp_process):
+        assert mp_process(cube, 2).result() == 8
+
+
+    def test_conftest_target(mp_process, conftest_target):
+        assert mp_process(conftest_target, 5).result() == 15
+
+
+    def test_bound_method_closure_and_lambda(mp_process):
+        greeter = Greeter("there")
+        assert mp_process(greeter.greet).result() == "hi there"
+        offset = 7
+        assert mp_process(lambda: cube(2) + offset).result() == 15
+
+
+    def test_process_pool_executor(mp_context):
+        with concurrent.futures.ProcessPoolExecutor(2, mp_context=mp_context) as executor:
+            assert list(executor.map(cube, [1, 2, 3], timeout=WAIT)) == [1, 8, 27]
+
+
+    def test_pool(mp_context):
+        with mp_context.Pool(2) as pool:
+            assert pool.map_async(cube, [1, 2]).get(WAIT) == [1, 8]
+
+
+    def test_plain_process(mp_context):
+        queue = mp_context.Queue()
+        process = mp_context.Process(target=put_cube, args=(queue, 3))
+        process.start()
+        try:
+            assert queue.get(timeout=WAIT) == 27
+        finally:
+            process.join(WAIT)
+            queue.close()
+            queue.join_thread()
+        assert process.exitcode == 0
+"""
+
+NESTED = """
+    import concurrent.futures
+
+
+    def double(x):
+        return 2 * x
+
+
+    def test_nested_module_level_target(mp_process):
+        assert mp_process(double, 21).result() == 42
+
+
+    def test_nested_process_pool_executor(mp_context):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=mp_context) as executor:
+            assert executor.submit(double, 4).result(30) == 8
+"""
+
+
+@pytest.mark.parametrize("mode", ["prepend", "append", "importlib"])
+def test_targets_from_test_files_and_conftests_in_every_import_mode(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # The project is not the current directory: `python -m pytest` puts that one on
+    # sys.path, which would let a child import the project's modules by luck.
+    project = pytester.mkdir("project")
+    (project / "pytest.ini").write_text("[pytest]\n")
+    (project / "conftest.py").write_text(_dedent(CONFTEST))
+    (project / "tests" / "deeper").mkdir(parents=True)
+    (project / "tests" / "test_top.py").write_text(_dedent(TOP))
+    (project / "tests" / "deeper" / "test_nested.py").write_text(_dedent(NESTED))
+    assert not list(project.rglob("__init__.py"))
+
+    with no_survivors(monkeypatch):
+        result = pytester.runpytest_subprocess(
+            "-p", "procsafe", f"--import-mode={mode}", "-v", "project", timeout=RUN_LIMIT
+        )
+
+    result.assert_outcomes(passed=8 * len(METHODS))
+    result.stdout.fnmatch_lines(["rootdir: *project*"])
+    for method in METHODS:
+        result.stdout.fnmatch_lines(
+            [f"*test_top.py::test_module_level_target[[]{method}[]] PASSED*"]
+        )
+
+
+def _dedent(text: str) -> str:
+    return textwrap.dedent(text).lstrip()

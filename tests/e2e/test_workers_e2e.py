@@ -1,0 +1,220 @@
+"""End-to-end: mp_process under every start method, through a real inner pytest run."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+from survivors import no_survivors
+
+from pytest_procsafe import _methods
+
+METHODS = _methods.available()
+RUN_LIMIT = 240.0  # an inner run that takes this long is hung: fail instead of waiting
+
+CONFTEST = """
+    import pytest
+
+    def triple(x):
+        return 3 * x
+
+    @pytest.fixture
+    def conftest_target():
+        return triple
+"""
+
+OUTCOMES = """
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    from pytest_procsafe import WorkerCrashed, WorkerTimeout
+
+
+    def square(x):
+        return x * x
+
+
+    def boom():
+        raise ValueError("boom in worker")
+
+
+    def die_by_signal():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+    def hard_exit():
+        os._exit(3)
+
+
+    def sleep_long():
+        time.sleep(60)
+
+
+    def test_value(mp_process):
+        assert mp_process(square, 6).result() == 36
+
+
+    def test_exception(mp_process):
+        with pytest.raises(ValueError, match="boom in worker"):
+            mp_process(boom).result()
+
+
+    def test_crash_by_signal(mp_process):
+        with pytest.raises(WorkerCrashed, match="killed by SIGKILL"):
+            mp_process(die_by_signal).result()
+
+
+    def test_crash_by_exit(mp_process):
+        worker = mp_process(hard_exit)
+        worker.join()
+        assert worker.exitcode == 3
+
+
+    def test_closure_and_lambda(mp_process):
+        base = 5
+
+        def add(x):
+            return base + x
+
+        assert mp_process(add, 1).result() == 6
+        assert mp_process(lambda: base * 3).result() == 15
+
+
+    def test_conftest_target(mp_process, conftest_target):
+        assert mp_process(conftest_target, 4).result() == 12
+
+
+    def test_stopped_is_fine(mp_process):
+        worker = mp_process(sleep_long)
+        with pytest.raises(WorkerTimeout):
+            worker.join(timeout=0.1)
+        worker.stop()
+        assert not worker.is_alive()
+
+
+    def test_unobserved_raise(mp_process):
+        mp_process(boom)
+
+
+    def test_unobserved_crash(mp_process):
+        mp_process(die_by_signal).join()
+"""
+
+HANGS = """
+    import signal
+    import time
+
+    import pytest
+
+    short = pytest.mark.procsafe(timeout=1, kill_grace=0.5)
+
+
+    def spin_forever_here():
+        while True:
+            time.sleep(0.01)
+
+
+    def ignore_sigterm():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            time.sleep(0.01)
+
+
+    @short
+    def test_hung(mp_process):
+        mp_process(spin_forever_here)
+
+
+    @short
+    def test_hung_result(mp_process):
+        mp_process(spin_forever_here).result()
+
+
+    @short
+    def test_sigterm_ignored(mp_process):
+        mp_process(ignore_sigterm)
+"""
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "procsafe", *args, timeout=RUN_LIMIT)
+
+
+def test_outcomes_across_start_methods(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_outcomes=OUTCOMES)
+    with no_survivors(monkeypatch):
+        result = run(pytester)
+
+    n = len(METHODS)
+    result.assert_outcomes(passed=9 * n, errors=2 * n)
+    for method in METHODS:
+        where = rf"test_outcomes.py::test_unobserved_raise[[]{method}[]]"
+        result.stdout.fnmatch_lines(
+            [
+                f"*ERROR at teardown of test_unobserved_raise[[]{method}[]]*",
+                f"*worker 'boom-1' (pid *, {method}) of {where} raised ValueError: boom in "
+                "worker, and the test never called result() nor read exitcode. Remote "
+                "traceback:",
+                "*test_outcomes.py*, line *, in boom",
+                '*raise ValueError("boom in worker")',
+                "*ValueError: boom in worker",
+            ]
+        )
+        result.stdout.fnmatch_lines(
+            [
+                f"*ERROR at teardown of test_unobserved_crash[[]{method}[]]*",
+                f"*worker 'die_by_signal-1' (pid *, {method}) of "
+                f"test_outcomes.py::test_unobserved_crash[[]{method}[]] was killed by SIGKILL "
+                "before handing back a result, and the test never called result() nor read "
+                "exitcode.",
+            ]
+        )
+
+
+def test_hung_workers_are_dumped_and_stopped_within_timeout_and_grace(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(test_hangs=HANGS)
+    with no_survivors(monkeypatch):
+        result = run(pytester, "--junitxml=junit.xml")
+
+    n = len(METHODS)
+    result.assert_outcomes(passed=2 * n, failed=n, errors=3 * n)
+    for method in METHODS:
+        for test in ("test_hung", "test_hung_result"):
+            result.stdout.fnmatch_lines(
+                [
+                    f"*ERROR at teardown of {test}[[]{method}[]]*",
+                    f"*worker 'spin_forever_here-1' (pid *, {method}) of "
+                    f"test_hangs.py::{test}[[]{method}[]] was still running after the 1s "
+                    "timeout, so it was stopped (terminated).",
+                    "Its Python stack (all threads) when it was stopped:",
+                    "*test_hangs.py*, line * in spin_forever_here",
+                ]
+            )
+        result.stdout.fnmatch_lines(
+            [
+                f"*ERROR at teardown of test_sigterm_ignored[[]{method}[]]*",
+                f"*worker 'ignore_sigterm-1' (pid *, {method}) of "
+                f"test_hangs.py::test_sigterm_ignored[[]{method}[]] was still running after the "
+                "1s timeout, so it was stopped (killed after the 0.5s grace).",
+                "*test_hangs.py*, line * in ignore_sigterm",
+            ]
+        )
+        result.stdout.fnmatch_lines(
+            [
+                f"*test_hung_result[[]{method}[]]*",
+                f"*WorkerTimeout: worker 'spin_forever_here-1' (pid *, {method}) of "
+                f"test_hangs.py::test_hung_result[[]{method}[]] is still running after 1s (teardown shows where it is stuck)",
+            ]
+        )
+    # Each test (setup + call + teardown) takes about timeout + grace, never twice that:
+    # generous bounds, since the bound is what is being tested.
+    for case in ElementTree.parse(pytester.path / "junit.xml").getroot().iter("testcase"):
+        assert float(case.get("time", "inf")) < 1 + 0.5 + 3, case.get("name")
