@@ -28,6 +28,7 @@ from typing import final
 import pytest
 
 from pytest_procsafe import _proctable
+from pytest_procsafe import _reaper
 from pytest_procsafe import _report
 from pytest_procsafe._proctable import Proc
 from pytest_procsafe._tracker import Found
@@ -202,7 +203,7 @@ class LeakChecks:
                     self._stop_deferred()
                     leftovers = self.tracker.leftovers()
                     if leftovers:
-                        _proctable.stop(leftovers, self.settings.kill_grace, self.tracker.root)
+                        _reaper.stop(leftovers, self.settings.kill_grace, self.tracker.root)
                 self.tracker.close()
         finally:
             if self._subreaper is not None:
@@ -216,7 +217,7 @@ class LeakChecks:
         if tracker is not None and self.settings.cleanup != "keep":
             procs = tracker.leftovers() + [proc for proc, _ in self._deferred]
             # No pool.terminate() here: it joins threads, from inside a signal handler.
-            _proctable.stop(procs, self.settings.kill_grace, tracker.root, pools=False)
+            _reaper.stop(procs, self.settings.kill_grace, tracker.root, pools=False)
 
     # --- checking one owner ---------------------------------------------------------------
 
@@ -250,7 +251,7 @@ class LeakChecks:
         self._hook.pytest_procsafe_leaks(owner=owner.label, leaks=list(records))
         procs = [item.proc for item, _ in leaks]
         if cleanup == "kill":
-            actions = _proctable.stop(procs, settings.kill_grace, tracker.root)
+            actions = _reaper.stop(procs, settings.kill_grace, tracker.root)
             records = [
                 dataclasses.replace(r, action=actions.get(r.pid, r.action))  # type: ignore[arg-type]
                 for r in records
@@ -297,7 +298,7 @@ class LeakChecks:
         if not self._deferred or tracker is None:
             return
         deferred, self._deferred = self._deferred, []
-        actions = _proctable.stop(
+        actions = _reaper.stop(
             [proc for proc, _ in deferred], self.settings.kill_grace, tracker.root
         )
         for proc, owner in deferred:
@@ -305,14 +306,34 @@ class LeakChecks:
 
 
 # The handler on_sigterm installed and the disposition it replaced. Forked children must
-# not inherit the handler: `Process.terminate()` means "die now" to them.
+# not inherit the handler: `Process.terminate()` means "die now" to them. SIGTERM stays
+# blocked across the fork until the child has its old disposition back: CPython drops
+# signals its handler caught in a child before its after-fork code ran, so a
+# ``p.start(); p.terminate()`` would otherwise be lost and the child live on.
 _SIGTERM: list[tuple[Callable[..., None], Any]] = []
-_FORK_HOOKED: list[bool] = []
+_FORK: dict[str, bool] = {"hooked": False, "blocked": False}
 
 
-def _sigterm_in_child() -> None:
-    if _SIGTERM and signal.getsignal(signal.SIGTERM) is _SIGTERM[-1][0]:
-        signal.signal(signal.SIGTERM, _SIGTERM[0][1])
+def _sigterm_fork_before() -> None:
+    if _SIGTERM:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        _FORK["blocked"] = signal.SIGTERM not in old
+
+
+def _sigterm_fork_parent() -> None:
+    if _FORK["blocked"]:
+        _FORK["blocked"] = False
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _sigterm_fork_child() -> None:
+    ours = dict(_SIGTERM)
+    current = disposition = signal.getsignal(signal.SIGTERM)
+    while disposition in ours:  # unwind nested runs' handlers, none beyond them
+        disposition = ours[disposition]
+    if disposition is not current:
+        signal.signal(signal.SIGTERM, disposition)
+    _sigterm_fork_parent()
 
 
 def on_sigterm(cleanup: Callable[[], None]) -> Callable[[], None]:
@@ -340,9 +361,13 @@ def on_sigterm(cleanup: Callable[[], None]) -> Callable[[], None]:
                 os.kill(os.getpid(), signum)
 
     signal.signal(signal.SIGTERM, handler)
-    if not _FORK_HOOKED and hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_sigterm_in_child)
-        _FORK_HOOKED.append(True)
+    if not _FORK["hooked"] and hasattr(os, "register_at_fork"):
+        os.register_at_fork(
+            before=_sigterm_fork_before,
+            after_in_parent=_sigterm_fork_parent,
+            after_in_child=_sigterm_fork_child,
+        )
+        _FORK["hooked"] = True
     _SIGTERM.append((handler, previous))
 
     def undo() -> None:

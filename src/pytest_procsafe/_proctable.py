@@ -7,26 +7,17 @@ with one ``pread`` of an already open ``/proc/<pid>/task/<tid>/children`` file p
 lines are read only for processes that exist. Without children files (a kernel built
 without ``CONFIG_PROC_CHILDREN``) a full ``/proc`` scan is the fallback; elsewhere psutil.
 
-Processes are identified by pid *and* start time, so a reused pid is never signalled.
-Reaping is by specific pid only, after multiprocessing and subprocess had the chance to
-reap their own: ``waitpid(-1)`` would steal their exit statuses.
+Processes are identified by pid *and* start time (`same`), so a reused pid is never
+taken for the process it once was. Acting on them is `_reaper`'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-import multiprocessing
 import os
-import signal
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Collection
-from collections.abc import Iterable
-from collections.abc import Mapping
-from collections.abc import Sequence
 from typing import Any
 from typing import Final
 from typing import NamedTuple
@@ -34,12 +25,8 @@ from typing import final
 
 LINUX: Final = sys.platform.startswith("linux")
 
-#: How long SIGKILLed processes may take to disappear before we give up on them.
-KILL_WAIT: Final = 5.0
-
 _PR_SET_CHILD_SUBREAPER: Final = 36
 _PR_GET_CHILD_SUBREAPER: Final = 37
-_SIGKILL: Final = getattr(signal, "SIGKILL", signal.SIGTERM)
 
 
 class Proc(NamedTuple):
@@ -311,175 +298,3 @@ def set_subreaper(on: bool) -> bool | None:
     except (OSError, AttributeError):
         return None
     return bool(previous.value)
-
-
-# --- Python-level owners of direct children -----------------------------------------------
-
-
-def python_children(*, deep: bool = False) -> dict[int, object]:
-    """Direct children this interpreter has objects for: ``{pid: Process or Popen}``.
-
-    Calls `multiprocessing.active_children`, which reaps multiprocessing's finished
-    children first. With *deep*, live ``subprocess.Popen`` objects are found by a scan
-    of the garbage collector's objects (slow; only used when there is a candidate leak).
-    """
-    found: dict[int, object] = {}
-    for process in multiprocessing.active_children():
-        if process.pid is not None:
-            found[process.pid] = process
-    # Popen objects dropped while their process ran wait here to be reaped (CPython).
-    for popen in list(getattr(subprocess, "_active", None) or ()):
-        if isinstance(popen, subprocess.Popen) and popen.returncode is None:
-            found.setdefault(popen.pid, popen)
-    if deep:
-        for obj in gc.get_objects():
-            if isinstance(obj, subprocess.Popen) and obj.returncode is None:
-                found.setdefault(obj.pid, obj)
-    return found
-
-
-def _pools_of(pids: Collection[int]) -> list[Any]:
-    """Live pools with a worker among *pids* (their worker handler respawns dead workers)."""
-    module = sys.modules.get("multiprocessing.pool")
-    if module is None:  # never imported: there is no pool
-        return []
-    pools = []
-    for obj in gc.get_objects():
-        if isinstance(obj, module.Pool):
-            workers = getattr(obj, "_pool", None) or ()
-            if any(getattr(worker, "pid", None) in pids for worker in workers):
-                pools.append(obj)
-    return pools
-
-
-# --- signalling, reaping, stopping --------------------------------------------------------
-
-
-def send(proc: Proc, signum: int, root: int) -> bool:
-    """Send *signum* to *proc* if it is the same process and still a descendant of *root*."""
-    pidfd = -1
-    if LINUX and hasattr(os, "pidfd_open"):
-        # A pidfd pins the process: checked through it, the identity cannot change before
-        # the signal is sent (no pid-reuse race).
-        try:
-            pidfd = os.pidfd_open(proc.pid)
-        except OSError:
-            return False
-    try:
-        current = same(proc)
-        if current is None or current.zombie or not descends(current, root):
-            return False
-        if pidfd >= 0:
-            signal.pidfd_send_signal(pidfd, signum)
-        else:
-            os.kill(proc.pid, signum)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-    finally:
-        if pidfd >= 0:
-            os.close(pidfd)
-
-
-def reap(procs: Iterable[Proc], root: int, handles: Mapping[int, object] | None = None) -> None:
-    """Reap the zombies among *procs* that are our direct children, by pid.
-
-    multiprocessing's and subprocess's own children are reaped through their objects
-    (*handles* may add Popen objects found by a deep scan), so their exit statuses stay
-    right; only the others are ``waitpid``-ed, one pid at a time.
-    """
-    if os.getpid() != root:
-        return
-    owners = python_children()
-    if handles:
-        owners.update(handles)
-    for proc in procs:
-        current = same(proc)
-        if current is None or not current.zombie or current.ppid != root:
-            continue
-        handle = owners.get(proc.pid)
-        if isinstance(handle, subprocess.Popen):
-            handle.poll()
-        elif handle is None:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(proc.pid, os.WNOHANG)
-
-
-def running(procs: Iterable[Proc]) -> list[Proc]:
-    """Those of *procs* that still exist and have not exited."""
-    out = []
-    for proc in procs:
-        current = same(proc)
-        if current is not None and not current.zombie:
-            out.append(current)
-    return out
-
-
-def remaining(procs: Iterable[Proc]) -> list[Proc]:
-    """Those of *procs* that still exist, zombies included."""
-    return [current for current in map(same, procs) if current is not None]
-
-
-def wait_gone(
-    procs: Sequence[Proc],
-    timeout: float,
-    root: int,
-    handles: Mapping[int, object] | None = None,
-) -> list[Proc]:
-    """Reap and wait until none of *procs* is left or *timeout* passes; return the rest."""
-    deadline = time.monotonic() + timeout
-    pause = 0.001
-    while True:
-        reap(procs, root, handles)
-        left = remaining(procs)
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(pause * 2, 0.05)
-
-
-def depth_order(procs: Sequence[Proc]) -> list[Proc]:
-    """*procs* with children before their parents (deepest first)."""
-    parent = {proc.pid: proc.ppid for proc in procs}
-
-    def depth(proc: Proc) -> int:
-        level, pid = 0, proc.ppid
-        while pid in parent and level < len(parent):
-            level, pid = level + 1, parent[pid]
-        return level
-
-    return sorted(procs, key=depth, reverse=True)
-
-
-def stop(procs: Sequence[Proc], grace: float, root: int, *, pools: bool = True) -> dict[int, str]:
-    """Stop a set of processes (whole trees): children before parents, SIGTERM, SIGKILL
-    after *grace*, then reap. Returns ``{pid: "killed" | "reaped"}``.
-
-    Only verified descendants of *root* are signalled. With *pools*, a multiprocessing
-    pool among them is terminated afterwards, because its handler thread respawns the
-    workers that die (not from a signal handler: that joins threads).
-    """
-    ordered = depth_order(procs)
-    pids = {proc.pid for proc in ordered}
-    # Found before any signal: a pool forgets its dead workers' pids when it respawns.
-    found = _pools_of(pids) if pools else []
-    handles = {
-        pid: handle
-        for pid, handle in python_children(deep=pools).items()
-        if pid in pids and isinstance(handle, subprocess.Popen)
-    }
-    actions = dict.fromkeys(pids, "reaped")
-    for proc in ordered:
-        if send(proc, signal.SIGTERM, root):
-            actions[proc.pid] = "killed"
-    left = running(wait_gone(ordered, grace, root, handles))
-    for proc in depth_order(left):
-        if send(proc, _SIGKILL, root):
-            actions[proc.pid] = "killed"
-    wait_gone(ordered, KILL_WAIT if left else 0.0, root, handles)
-    for pool in found:
-        # Its workers are gone; terminate() now only stops its handler threads and the
-        # idle workers it may have respawned meanwhile (terminating first could block
-        # forever joining a worker that ignores SIGTERM).
-        pool.terminate()
-    return actions

@@ -27,6 +27,7 @@ from typing import Literal
 from typing import final
 
 from pytest_procsafe import _proctable
+from pytest_procsafe import _reaper
 from pytest_procsafe._proctable import Proc
 
 LeakKind = Literal["leaked", "zombie", "orphan"]
@@ -246,7 +247,7 @@ class Tracker:
         pause = 0.002
         deep: dict[int, object] | None = None
         while True:
-            shallow = _proctable.python_children()  # multiprocessing reaps its own first
+            shallow = _reaper.python_children()  # multiprocessing reaps its own first
             machinery, owned = _machinery_pids(), _procsafe_owned()
             found: list[Found] = []
             waiting = False
@@ -269,10 +270,10 @@ class Tracker:
                 ours = proc.ppid == self.root and not entry.reparented
                 if ours and proc.pid not in shallow and self._direct.get(proc.pid) != proc.start:
                     if deep is None:
-                        deep = _proctable.python_children(deep=True)
+                        deep = _reaper.python_children(deep=True)
                     ours = proc.pid in deep
                 if proc.zombie and proc.ppid == self.root and (proc.pid in shallow or not ours):
-                    _proctable.reap([proc], self.root)
+                    _reaper.reap([proc], self.root)
                     waiting = True
                     continue
                 if not proc.zombie or proc.ppid != self.root:

@@ -1,0 +1,224 @@
+"""Acting on descendants: verified signals, reaping by pid, stopping whole trees.
+
+Only verified descendants are signalled: the pid must still belong to the process seen
+(same start time) and still descend from the test process. Reaping is by specific pid
+only, after multiprocessing and subprocess had the chance to reap their own children
+through their objects: ``waitpid(-1)`` (or ``os.wait()``) would steal their exit
+statuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Collection
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Final
+
+from pytest_procsafe._proctable import LINUX
+from pytest_procsafe._proctable import Proc
+from pytest_procsafe._proctable import descends
+from pytest_procsafe._proctable import same
+
+#: How long SIGKILLed processes may take to disappear before we give up on them.
+KILL_WAIT: Final = 5.0
+
+_SIGKILL: Final = getattr(signal, "SIGKILL", signal.SIGTERM)
+
+
+# --- Python-level owners of direct children -----------------------------------------------
+
+
+def python_children(*, deep: bool = False) -> dict[int, object]:
+    """Direct children this interpreter has objects for: ``{pid: Process or Popen}``.
+
+    Calls `multiprocessing.active_children`, which reaps multiprocessing's finished
+    children first. With *deep*, live ``subprocess.Popen`` objects are found by a scan
+    of the garbage collector's objects (slow; only used when there is a candidate leak).
+    """
+    found: dict[int, object] = {}
+    for process in multiprocessing.active_children():
+        if process.pid is not None:
+            found[process.pid] = process
+    # Popen objects dropped while their process ran wait here to be reaped (CPython).
+    for popen in list(getattr(subprocess, "_active", None) or ()):
+        if isinstance(popen, subprocess.Popen) and popen.returncode is None:
+            found.setdefault(popen.pid, popen)
+    if deep:
+        for obj in gc.get_objects():
+            if isinstance(obj, subprocess.Popen) and obj.returncode is None:
+                found.setdefault(obj.pid, obj)
+    return found
+
+
+# --- signalling, reaping, stopping --------------------------------------------------------
+
+
+def send(proc: Proc, signum: int, root: int) -> bool:
+    """Send *signum* to *proc* if it is the same process and still a descendant of *root*."""
+    pidfd = -1
+    if LINUX and hasattr(os, "pidfd_open"):
+        # A pidfd pins the process: checked through it, the identity cannot change before
+        # the signal is sent (no pid-reuse race).
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except OSError:
+            return False
+    try:
+        current = same(proc)
+        if current is None or current.zombie or not descends(current, root):
+            return False
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, signum)
+        else:
+            os.kill(proc.pid, signum)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def reap(procs: Iterable[Proc], root: int, handles: Mapping[int, object] | None = None) -> None:
+    """Reap the zombies among *procs* that are our direct children, by pid.
+
+    multiprocessing's and subprocess's own children are reaped through their objects
+    (*handles* may add Popen objects found by a deep scan), so their exit statuses stay
+    right; only the others are ``waitpid``-ed, one pid at a time.
+    """
+    if os.getpid() != root:
+        return
+    owners = python_children()
+    if handles:
+        owners.update(handles)
+    for proc in procs:
+        current = same(proc)
+        if current is None or not current.zombie or current.ppid != root:
+            continue
+        handle = owners.get(proc.pid)
+        if isinstance(handle, subprocess.Popen):
+            handle.poll()
+        elif handle is None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(proc.pid, os.WNOHANG)
+
+
+def running(procs: Iterable[Proc]) -> list[Proc]:
+    """Those of *procs* that still exist and have not exited."""
+    out = []
+    for proc in procs:
+        current = same(proc)
+        if current is not None and not current.zombie:
+            out.append(current)
+    return out
+
+
+def remaining(procs: Iterable[Proc]) -> list[Proc]:
+    """Those of *procs* that still exist, zombies included."""
+    return [current for current in map(same, procs) if current is not None]
+
+
+def wait_gone(
+    procs: Sequence[Proc],
+    timeout: float,
+    root: int,
+    handles: Mapping[int, object] | None = None,
+) -> list[Proc]:
+    """Reap and wait until none of *procs* is left or *timeout* passes; return the rest."""
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        reap(procs, root, handles)
+        left = remaining(procs)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, 0.05)
+
+
+def depth_order(procs: Sequence[Proc]) -> list[Proc]:
+    """*procs* with children before their parents (deepest first)."""
+    parent = {proc.pid: proc.ppid for proc in procs}
+
+    def depth(proc: Proc) -> int:
+        level, pid = 0, proc.ppid
+        while pid in parent and level < len(parent):
+            level, pid = level + 1, parent[pid]
+        return level
+
+    return sorted(procs, key=depth, reverse=True)
+
+
+def dies_on_sigterm(pid: int) -> bool:
+    """Whether SIGTERM's default action would end *pid* now: not ignored, caught or
+    blocked (Linux: ``/proc/<pid>/status``; elsewhere unknown, so False)."""
+    if not LINUX:
+        return False
+    try:
+        with open(f"/proc/{pid}/status", "rb") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return True  # gone already
+    bit = 1 << (signal.SIGTERM - 1)
+    masks = [
+        line.split()[1] for line in lines if line.startswith((b"SigBlk", b"SigIgn", b"SigCgt"))
+    ]
+    return len(masks) == 3 and not any(int(mask, 16) & bit for mask in masks)
+
+
+def _end_pools(pids: Collection[int]) -> None:
+    """Terminate the live pools with a worker among *pids*.
+
+    A pool's handler thread respawns workers that die, so killing them is not enough;
+    and killing them first would be worse: an idle worker holds the task queue's lock
+    while it waits, so ``terminate()`` after a SIGKILL can deadlock. ``terminate()``
+    joins workers it sent SIGTERM with no timeout, so a pool is only terminated when
+    every worker would die of it; the others are left to the escalation.
+    """
+    module = sys.modules.get("multiprocessing.pool")
+    if module is None:  # never imported: there is no pool
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, module.Pool):
+            workers = [getattr(w, "pid", None) for w in getattr(obj, "_pool", None) or ()]
+            if any(pid in pids for pid in workers) and all(
+                isinstance(pid, int) and dies_on_sigterm(pid) for pid in workers
+            ):
+                obj.terminate()
+
+
+def stop(procs: Sequence[Proc], grace: float, root: int, *, pools: bool = True) -> dict[int, str]:
+    """Stop a set of processes (whole trees): children before parents, SIGTERM, SIGKILL
+    after *grace*, then reap. Returns ``{pid: "killed" | "reaped"}``.
+
+    Only verified descendants of *root* are signalled. With *pools*, the multiprocessing
+    pools among them are terminated first (not from a signal handler: that joins threads).
+    """
+    ordered = depth_order(procs)
+    pids = {proc.pid for proc in ordered}
+    alive = {proc.pid for proc in running(ordered)}
+    if pools:
+        _end_pools(pids)
+    handles = {
+        pid: handle
+        for pid, handle in python_children(deep=pools).items()
+        if pid in pids and isinstance(handle, subprocess.Popen)
+    }
+    # What was running counts as killed even when a pool's terminate() ended it.
+    actions = {pid: "killed" if pid in alive else "reaped" for pid in pids}
+    for proc in ordered:
+        send(proc, signal.SIGTERM, root)
+    left = running(wait_gone(ordered, grace, root, handles))
+    for proc in depth_order(left):
+        send(proc, _SIGKILL, root)
+    wait_gone(ordered, KILL_WAIT if left else 0.0, root, handles)
+    return actions

@@ -1,0 +1,356 @@
+"""Owners, kinds, modes and cleanup policies of the leak checks, with real processes.
+
+The trackers made here are nested in the one checking this suite: processes that
+already ran when they were made belong to the outer run, as in pytester's inline mode.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+import pytest
+from leakkit import ROOT
+from leakkit import WAIT
+from leakkit import Kids
+from leakkit import proc
+from leakkit import wait_until
+
+from pytest_procsafe import LeakedProcess
+from pytest_procsafe import ProcessLeakWarning
+from pytest_procsafe import _channels
+from pytest_procsafe import _leaks
+from pytest_procsafe import _proctable
+from pytest_procsafe._config import Settings
+from pytest_procsafe._leaks import LeakChecks
+from pytest_procsafe._tracker import Owner
+from pytest_procsafe._tracker import Tracker
+
+pytestmark = pytest.mark.skipif(not _proctable.LINUX, reason="zombies and orphans: Linux")
+
+
+@pytest.fixture
+def kids() -> Iterator[Kids]:
+    with Kids() as started:
+        yield started
+
+
+@pytest.fixture
+def tracker() -> Iterator[Tracker]:
+    tracker = Tracker()
+    yield tracker
+    tracker.close()
+
+
+def settings(**changes: object) -> Settings:
+    values: dict[str, object] = {
+        "leaks": "fail",
+        "start_methods": ("fork",),
+        "timeout": 30.0,
+        "kill_grace": 0.5,
+        "cleanup": "kill",
+        "ignore": (),
+        "report": None,
+    }
+    values.update(changes)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+class Hooks:
+    """Stands in for ``config.hook``: records the leaks, asks *ignore* about candidates."""
+
+    def __init__(self, ignore: Callable[[LeakedProcess], bool | None] | None = None) -> None:
+        self.reported: list[tuple[str, list[LeakedProcess]]] = []
+        self._ignore = ignore
+
+    def pytest_procsafe_ignore(self, process: LeakedProcess) -> bool | None:
+        return self._ignore(process) if self._ignore else None
+
+    def pytest_procsafe_leaks(self, owner: str, leaks: list[LeakedProcess]) -> None:
+        self.reported.append((owner, leaks))
+
+
+@pytest.fixture
+def make_checks() -> Iterator[Callable[..., LeakChecks]]:
+    made: list[LeakChecks] = []
+
+    def make(
+        hooks: Hooks | None = None, *, write_report: bool = False, **changes: object
+    ) -> LeakChecks:
+        checks = LeakChecks(settings(**changes), hooks or Hooks(), write_report=write_report)
+        checks.activate()
+        checks.collection_done()
+        made.append(checks)
+        return checks
+
+    yield make
+    for checks in made:
+        checks.close()
+
+
+def run_test(
+    checks: LeakChecks, start: Callable[[], object], test_settings: Settings | None = None
+) -> str | None:
+    """One test's protocol as the plugin's hooks drive it; *start* runs in its call."""
+    checks.test_start("test_x.py::test_x", lambda: (__file__, 1))
+    checks.advance("call")
+    start()
+    checks.advance("teardown")
+    return checks.test_end(lambda: test_settings or checks.settings)
+
+
+def sleep_forever() -> None:
+    time.sleep(WAIT)
+
+
+# --- the tracker: owners and kinds --------------------------------------------------------
+
+
+def test_each_process_belongs_to_the_owner_it_was_first_seen_under(
+    kids: Kids, tracker: Tracker
+) -> None:
+    test, fixture = Owner("t", "test"), Owner("fixture f", "fixture")
+    first = kids.sleeper()
+    tracker.observe(test, "call")
+    second = kids.sleeper()
+    tracker.observe(fixture, "setup")
+    tracker.observe(test, "teardown")  # nothing new: nothing changes hands
+    assert [entry.proc.pid for entry in tracker.take(test)] == [first.pid]
+    assert [(e.proc.pid, e.phase) for e in tracker.take(fixture)] == [(second.pid, "setup")]
+    assert tracker.take(test) == []  # each owner is checked once
+
+
+def test_a_nested_tracker_leaves_what_ran_before_it_alone(kids: Kids) -> None:
+    before = kids.sleeper()
+    with_outer = Tracker()
+    try:
+        assert with_outer.nested  # this suite's own tracker is the outer one
+        inner = Tracker()
+        try:
+            inner.observe(Owner("t", "test"), "call")
+            assert inner.owners() == []
+            assert before.pid in inner.exempt
+        finally:
+            inner.close()
+    finally:
+        with_outer.close()
+
+
+def test_kinds_of_leaks(kids: Kids, tracker: Tracker) -> None:
+    owner = Owner("t", "test")
+    leaked = kids.sleeper().pid
+    zombie = kids.zombie()
+    orphan = kids.orphan()
+    tracker.observe(owner, "call")
+    found = tracker.classify(tracker.take(owner), later=Owner("session", "session"))
+    assert {item.proc.pid: item.kind for item in found} == {
+        leaked: "leaked",
+        zombie: "zombie",
+        orphan: "orphan",
+    }
+    assert {item.proc.pid: item.cmdline[0] for item in found}[leaked] == sys.executable
+
+
+def test_a_tree_is_leaked_below_its_root_and_a_thread_child_is_seen(
+    kids: Kids, tracker: Tracker
+) -> None:
+    owner = Owner("t", "test")
+    shell = kids.popen("sh", "-c", "sleep 60 & wait")
+    thread = threading.Thread(target=kids.sleeper)
+    thread.start()
+    thread.join(WAIT)
+    wait_until(lambda: bool(_proctable.children(shell.pid)), "the shell's child started")
+    tracker.observe(owner, "call", full=True)
+    found = tracker.classify(tracker.take(owner), later=Owner("session", "session"))
+    kinds = sorted((item.kind, item.proc.ppid == ROOT) for item in found)
+    assert kinds == [("leaked", False), ("leaked", True), ("leaked", True)]
+
+
+def test_what_is_not_a_leak(kids: Kids, tracker: Tracker, monkeypatch: pytest.MonkeyPatch) -> None:
+    owner, later = Owner("t", "test"), Owner("session", "session")
+    # An orphan that finished, a multiprocessing child terminated but never joined, the
+    # forkserver, and a manager procsafe's fixtures still own.
+    done = kids.orphan(seconds=0)
+    process = multiprocessing.get_context("fork").Process(target=sleep_forever)
+    process.start()
+    process.terminate()
+    ctx = multiprocessing.get_context("forkserver")
+    joined = ctx.Process(target=int)
+    joined.start()
+    joined.join(WAIT)
+    owned = kids.sleeper().pid
+    monkeypatch.setattr(_channels, "owned_pids", lambda: {owned})
+    tracker.observe(owner, "call")
+    assert tracker.classify(tracker.take(owner), later=later) == []
+    assert _proctable.stat(done) is None  # reaped, quietly
+    assert process.exitcode == -signal.SIGTERM  # multiprocessing reaped its own
+    assert [entry.proc.pid for entry in tracker.take(later)] == [owned]
+
+
+# --- one session's checks: modes, cleanup, reports ----------------------------------------
+
+
+def test_fail_mode_fails_the_test_and_kills_its_leaks(
+    kids: Kids, make_checks: Callable[..., LeakChecks]
+) -> None:
+    hooks = Hooks()
+    checks = make_checks(hooks)
+    started: list[int] = []
+    message = run_test(checks, lambda: started.append(kids.sleeper().pid))
+    assert message is not None
+    assert message.startswith("procsafe: test_x.py::test_x left 1 process behind:")
+    assert f"leaked pid {started[0]} (appeared in call, killed)" in message
+    assert message.endswith("they were stopped")
+    assert _proctable.stat(started[0]) is None
+    [(owner, [leak])] = hooks.reported
+    assert owner == "test_x.py::test_x"
+    assert (leak.pid, leak.ppid, leak.kind, leak.phase) == (started[0], ROOT, "leaked", "call")
+    assert checks.report.records == [{**leak.as_dict(), "action": "killed"}]
+    assert not checks.failed  # the test's own error says it
+
+
+def test_warn_mode_warns_and_session_cleanup_stops_at_the_end(
+    kids: Kids, make_checks: Callable[..., LeakChecks], tmp_path: Path
+) -> None:
+    report = tmp_path / "leaks.json"
+    checks = make_checks(leaks="warn", cleanup="session", report=report, write_report=True)
+    started: list[int] = []
+    with pytest.warns(ProcessLeakWarning, match=r"they are stopped at the end of the session"):
+        assert run_test(checks, lambda: started.append(kids.sleeper().pid)) is None
+    assert proc(started[0])  # still running: warn mode does not change what the suite does
+    checks.session_end()
+    assert _proctable.stat(started[0]) is None
+    data = json.loads(report.read_text())
+    assert data["counts"] == {"leaked": 1, "zombie": 0, "orphan": 0}
+    [record] = data["leaks"]
+    assert record["action"] == "killed"
+    assert record["cmdline"][0] == sys.executable
+
+
+def test_keep_cleanup_leaves_the_leak_running(
+    kids: Kids, make_checks: Callable[..., LeakChecks]
+) -> None:
+    checks = make_checks(cleanup="keep")
+    process = multiprocessing.get_context("fork").Process(target=sleep_forever)
+    message = run_test(checks, process.start)
+    assert message is not None
+    assert "they were kept running (--procsafe-cleanup=keep)" in message
+    checks.session_end()
+    checks.close()
+    assert process.is_alive()
+    # Detached: multiprocessing's exit handler would join it with no timeout.
+    assert process not in multiprocessing.active_children()
+    assert process.pid is not None
+    kids.adopt(process.pid)  # this test stops what was kept
+
+
+def test_ignored_processes_are_neither_reported_nor_stopped(
+    kids: Kids, make_checks: Callable[..., LeakChecks]
+) -> None:
+    hooks = Hooks(ignore=lambda process: True if "61" in process.cmdline else None)
+    checks = make_checks(hooks, ignore=(re.compile(r"sleep 60"),))
+    started: list[int] = []
+
+    def start() -> None:
+        started.append(kids.popen("sleep", "60").pid)
+        started.append(kids.popen("sleep", "61").pid)
+
+    assert run_test(checks, start) is None
+    assert hooks.reported == []
+    assert all(proc(pid) for pid in started)
+
+
+def test_a_marker_turning_the_checks_off(
+    kids: Kids, make_checks: Callable[..., LeakChecks]
+) -> None:
+    checks = make_checks()
+    started: list[int] = []
+    off = settings(leaks="off")
+    assert run_test(checks, lambda: started.append(kids.sleeper().pid), off) is None
+    checks.session_end()
+    assert proc(started[0])  # not this run's business
+
+
+def test_fixture_owned_leaks_fail_the_run_not_the_test(
+    kids: Kids, make_checks: Callable[..., LeakChecks]
+) -> None:
+    checks = make_checks()
+    fixture = object()
+    started: list[int] = []
+
+    def start() -> None:
+        checks.fixture_enter(fixture, "server", None)
+        started.append(kids.sleeper().pid)
+        checks.fixture_exit(fixture)
+
+    assert run_test(checks, start) is None  # the fixture's process is not the test's
+    assert proc(started[0])
+    checks.fixture_done(fixture)
+    assert checks.failed
+    assert _proctable.stat(started[0]) is None
+    assert checks.report.records[0]["owner"] == "fixture server"
+    assert checks.report.records[0]["phase"] == "setup"
+
+
+def test_escalated_warnings_outside_tests_fail_the_run(
+    kids: Kids, make_checks: Callable[..., LeakChecks]
+) -> None:
+    checks = make_checks(leaks="warn")
+    started = kids.sleeper().pid  # outside any test: the session's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProcessLeakWarning)
+        checks.session_end()
+    assert checks.failed
+    assert checks.report.records[0]["owner"] == "session"
+    assert checks.report.records[0]["phase"] == "session"
+    assert _proctable.stat(started) is None
+
+
+def test_close_stops_what_no_check_reached(
+    kids: Kids, make_checks: Callable[..., LeakChecks]
+) -> None:
+    checks = make_checks()
+    checks.test_start("test_x.py::test_interrupted", lambda: (__file__, 1))
+    started = kids.sleeper().pid
+    checks.close()  # as at unconfigure after an internal error: no session end
+    assert _proctable.stat(started) is None
+
+
+# --- SIGTERM ------------------------------------------------------------------------------
+
+
+def test_sigterm_runs_the_cleanup_and_chains_the_previous_handler() -> None:
+    calls: list[str] = []
+
+    def previous(signum: int, frame: FrameType | None) -> None:
+        calls.append("previous")
+
+    old = signal.signal(signal.SIGTERM, previous)
+    try:
+        undo = _leaks.on_sigterm(lambda: calls.append("cleanup"))
+        try:
+            # A forked child gets the previous disposition back, not the cleanup.
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                os._exit(0 if signal.getsignal(signal.SIGTERM) is previous else 1)
+            assert os.waitpid(pid, 0)[1] == 0
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_until(lambda: len(calls) == 2, "the handler run")
+            assert calls == ["cleanup", "previous"]
+            assert signal.getsignal(signal.SIGTERM) is previous  # a second one: as before
+        finally:
+            undo()
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -1,0 +1,219 @@
+"""The process table and the reaper, against real children, zombies and orphans."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from leakkit import ROOT
+from leakkit import WAIT
+from leakkit import Kids
+from leakkit import proc
+from leakkit import wait_until
+
+from pytest_procsafe import _proctable
+from pytest_procsafe import _reaper
+from pytest_procsafe._proctable import ProcTable
+
+pytestmark = pytest.mark.skipif(not _proctable.LINUX, reason="procfs and subreaper: Linux")
+
+
+@pytest.fixture
+def kids() -> Iterator[Kids]:
+    with Kids() as started:
+        yield started
+
+
+@pytest.fixture
+def table() -> Iterator[ProcTable]:
+    table = ProcTable()
+    yield table
+    table.close()
+
+
+def sleep_forever() -> None:
+    time.sleep(WAIT)
+
+
+def exit_with(code: int) -> None:
+    sys.exit(code)
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+def test_tree_is_empty_without_children(table: ProcTable) -> None:
+    assert table.fast, "this kernel has /proc/<pid>/task/<tid>/children"
+    assert table.tree() == {}
+    assert table.tree(full=True) == {}
+
+
+def test_tree_holds_children_and_grandchildren(kids: Kids, table: ProcTable) -> None:
+    shell = kids.popen("sh", "-c", "sleep 60 & sleep 61; :")
+    wait_until(lambda: len(table.tree()) == 3, "three processes in the tree")
+    tree = table.tree()
+    assert tree[shell.pid] == ROOT
+    grandchildren = [pid for pid, ppid in tree.items() if ppid == shell.pid]
+    assert sorted(_proctable.cmdline(pid) for pid in grandchildren) == [
+        ("sleep", "60"),
+        ("sleep", "61"),
+    ]
+    # Pruned subtrees are not walked; the pruned process itself is still listed.
+    assert table.tree(prune={shell.pid}) == {shell.pid: ROOT}
+    # The fallbacks (no children files; psutil) see the same tree.
+    assert table._tree_scan(()) == tree
+    assert table._tree_psutil(()) == tree
+
+
+def test_children_of_a_running_thread_are_seen(kids: Kids, table: ProcTable) -> None:
+    started = threading.Event()
+    release = threading.Event()
+    popens: list[subprocess.Popen[bytes]] = []
+
+    def start_one() -> None:
+        popens.append(kids.sleeper())
+        started.set()
+        release.wait(WAIT)
+
+    thread = threading.Thread(target=start_one)
+    thread.start()
+    try:
+        assert started.wait(WAIT)
+        # The child belongs to the thread's task until the thread ends.
+        assert popens[0].pid in table.tree()
+        assert popens[0].pid in table.tree(full=True)
+    finally:
+        release.set()
+        thread.join(WAIT)
+    wait_until(lambda: popens[0].pid in table.tree(), "the child seen after the join")
+
+
+def test_stat_tells_zombies_and_start_times(kids: Kids) -> None:
+    zombie = kids.zombie()
+    found = proc(zombie)
+    assert found.zombie
+    assert found.ppid == ROOT
+    assert _proctable.cmdline(zombie)[0].startswith("[")  # no command line left
+    sleeper = kids.sleeper()
+    running = proc(sleeper.pid)
+    assert not running.zombie
+    assert running.start >= found.start
+    assert _proctable.same(running) == running
+    assert _proctable.same(running._replace(start=running.start + 1)) is None
+    assert _proctable.stat(2**22 + 1) is None  # above the kernel's pid_max
+
+
+def test_descends_follows_the_parent_chain(kids: Kids) -> None:
+    shell = kids.popen("sh", "-c", "sleep 60 & wait")
+    wait_until(lambda: bool(_proctable.children(shell.pid)), "the grandchild started")
+    grandchild = proc(_proctable.children(shell.pid)[0])
+    assert _proctable.descends(grandchild, ROOT)
+    assert _proctable.descends(grandchild, shell.pid)
+    assert not _proctable.descends(proc(ROOT), ROOT)
+    assert not _proctable.descends(proc(os.getppid()), ROOT)
+
+
+def test_subreaper_adopts_orphans(kids: Kids) -> None:
+    previous = _proctable.set_subreaper(True)
+    assert previous is not None
+    try:
+        assert _proctable.set_subreaper(True) is True  # it reports the previous value
+        orphan = kids.orphan()
+        assert proc(orphan).ppid == ROOT
+    finally:
+        _proctable.set_subreaper(previous)
+
+
+# --- acting -----------------------------------------------------------------------------
+
+
+def test_send_signals_only_the_same_descendant(kids: Kids) -> None:
+    sleeper = kids.sleeper()
+    found = proc(sleeper.pid)
+    # A reused pid (another start time) or a process that is no descendant: no signal.
+    assert not _reaper.send(found._replace(start=found.start + 1), signal.SIGTERM, ROOT)
+    assert not _reaper.send(found, signal.SIGTERM, root=found.pid)
+    assert sleeper.poll() is None
+    assert _reaper.send(found, signal.SIGTERM, ROOT)
+    assert sleeper.wait(WAIT) == -signal.SIGTERM
+    assert not _reaper.send(found, signal.SIGTERM, ROOT)  # gone: nothing to signal
+
+
+def test_reap_takes_only_the_zombies_asked_for(kids: Kids) -> None:
+    first, second = kids.zombie(), kids.zombie()
+    _reaper.reap([proc(first)], ROOT)
+    assert _proctable.stat(first) is None
+    assert proc(second).zombie
+
+
+def test_reap_leaves_multiprocessing_and_subprocess_their_statuses(kids: Kids) -> None:
+    process = multiprocessing.get_context("fork").Process(target=exit_with, args=(3,))
+    process.start()
+    popen = kids.popen("sh", "-c", "exit 5")
+    assert process.pid is not None
+    found = [proc(process.pid), proc(popen.pid)]
+    pids = (process.pid, popen.pid)
+    wait_until(lambda: all(proc(pid).zombie for pid in pids), "both exited")
+    _reaper.reap(found, ROOT, {popen.pid: popen})
+    process.join(WAIT)
+    assert process.exitcode == 3
+    assert popen.returncode == 5
+
+
+def test_stop_takes_children_before_parents_and_kills_after_the_grace(kids: Kids) -> None:
+    shell = kids.popen("sh", "-c", "trap '' TERM; sleep 60 & sleep 61 & wait")
+    wait_until(lambda: len(_proctable.children(shell.pid)) == 2, "both sleeps started")
+    tree = [proc(shell.pid), *map(proc, _proctable.children(shell.pid))]
+    assert _reaper.depth_order(tree)[-1].pid == shell.pid
+    assert not _reaper.dies_on_sigterm(shell.pid)
+    assert all(_reaper.dies_on_sigterm(p.pid) for p in tree[1:])
+    started = time.monotonic()
+    actions = _reaper.stop(tree, 0.2, ROOT)
+    # The shell ignores SIGTERM: it is killed after the grace, not after KILL_WAIT.
+    assert time.monotonic() - started < _reaper.KILL_WAIT
+    assert actions == dict.fromkeys((p.pid for p in tree), "killed")
+    assert shell.wait(WAIT) == -signal.SIGKILL
+    assert all(_proctable.same(p) is None for p in tree)
+
+
+def test_stop_reaps_zombies_and_orphans(kids: Kids) -> None:
+    zombie, orphan = kids.zombie(), kids.orphan()
+    actions = _reaper.stop([proc(zombie), proc(orphan)], 1.0, ROOT)
+    assert actions == {zombie: "reaped", orphan: "killed"}
+    assert _proctable.stat(zombie) is None
+    assert _proctable.stat(orphan) is None
+
+
+def test_stop_terminates_the_pool_that_would_respawn_its_workers() -> None:
+    ctx = multiprocessing.get_context("fork")
+    pool = ctx.Pool(2)
+    try:
+        workers = [proc(p.pid) for p in multiprocessing.active_children() if p.pid]
+        assert len(workers) == 2
+        _reaper.stop(workers, 1.0, ROOT)
+        with pytest.raises(ValueError, match="Pool not running"):
+            pool.apply(sleep_forever)
+        assert multiprocessing.active_children() == []
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def test_python_children_knows_multiprocessing_and_popen_objects(kids: Kids) -> None:
+    process = multiprocessing.get_context("fork").Process(target=sleep_forever)
+    process.start()
+    try:
+        popen = kids.sleeper()
+        assert process.pid in _reaper.python_children()
+        assert popen.pid not in _reaper.python_children()  # held by the test: deep scan
+        assert _reaper.python_children(deep=True)[popen.pid] is popen
+    finally:
+        process.kill()
+        process.join(WAIT)

@@ -1,0 +1,150 @@
+"""The words and the JSON of the leak report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_procsafe import LeakedProcess
+from pytest_procsafe import _report
+from pytest_procsafe._report import Report
+
+
+def record(
+    pid: int, ppid: int, *, kind: str = "leaked", owner: str = "t.py::t", **more: Any
+) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "owner": owner,
+        "kind": kind,
+        "pid": pid,
+        "ppid": ppid,
+        "cmdline": ["sleep", str(pid)],
+        "phase": "call",
+        "action": "killed",
+    }
+    base.update(more)
+    return base
+
+
+def test_trees_are_drawn_as_trees() -> None:
+    records = [record(10, 1), record(11, 10), record(12, 11), record(13, 10), record(20, 1)]
+    assert _report.tree_lines(records) == [
+        "leaked pid 10 (appeared in call, killed): sleep 10",
+        "├─ leaked pid 11 (appeared in call, killed): sleep 11",
+        "│  └─ leaked pid 12 (appeared in call, killed): sleep 12",
+        "└─ leaked pid 13 (appeared in call, killed): sleep 13",
+        "leaked pid 20 (appeared in call, killed): sleep 20",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cleanup", "action", "tail", "shown"),
+    [
+        ("kill", "killed", "they were stopped", "(appeared in call, killed)"),
+        ("kill", "reaped", "they were reaped", "(appeared in call, reaped)"),
+        (
+            "session",
+            "killed",
+            "they are stopped at the end of the session (--procsafe-cleanup=session)",
+            "(appeared in call)",
+        ),
+        (
+            "keep",
+            "kept",
+            "they were kept running (--procsafe-cleanup=keep); stop them yourself",
+            "(appeared in call, kept)",
+        ),
+    ],
+)
+def test_describe_says_what_was_done(cleanup: str, action: str, tail: str, shown: str) -> None:
+    text = _report.describe("t.py::t", [record(10, 1, action=action)], cleanup)
+    head, line, last = text.splitlines()
+    assert head == "procsafe: t.py::t left 1 process behind:"
+    assert line == f"  leaked pid 10 {shown}: sleep 10"
+    assert last == tail
+
+
+def test_describe_counts_and_mixed_actions() -> None:
+    records = [record(10, 1), record(11, 1, kind="zombie", action="reaped")]
+    text = _report.describe("fixture server", records, "kill")
+    assert text.splitlines()[0] == "procsafe: fixture server left 2 processes behind:"
+    assert text.splitlines()[-1] == "they were reaped / stopped"
+
+
+def test_long_command_lines_are_shortened_for_people_only() -> None:
+    long = record(10, 1, cmdline=["python", "-c", "x" * 500])
+    assert len(_report.command(long)) == _report.WIDTH
+    assert _report.command(long).endswith("...")
+    assert _report.command(record(10, 1, cmdline=[])) == "?"
+
+
+def test_summary_groups_by_owner_and_counts_kinds() -> None:
+    report = Report()
+    assert report.summary() == []
+    report.add([record(10, 1), record(11, 10, kind="zombie", action="reaped")])
+    report.add([record(20, 1, kind="orphan", owner="fixture server", phase="setup")])
+    assert report.counts() == {"leaked": 1, "zombie": 1, "orphan": 1}
+    assert report.summary() == [
+        "3 left behind (1 leaked, 1 zombie, 1 orphan)",
+        "t.py::t",
+        "    leaked pid 10 (appeared in call, killed): sleep 10",
+        "    └─ zombie pid 11 (appeared in call, reaped): sleep 11",
+        "fixture server",
+        "    orphan pid 20 (appeared in setup, killed): sleep 20",
+    ]
+
+
+def test_set_action_records_what_session_cleanup_did() -> None:
+    report = Report()
+    report.add([record(10, 1, action="killed"), record(10, 1, owner="other", action="killed")])
+    report.set_action("t.py::t", 10, "reaped")
+    assert [r["action"] for r in report.records] == ["reaped", "killed"]
+
+
+def test_json_report_shape_and_atomic_write(tmp_path: Path) -> None:
+    leak = LeakedProcess(
+        pid=10,
+        ppid=1,
+        cmdline=("sleep", "10"),
+        kind="orphan",
+        owner="t.py::t",
+        phase="teardown",
+        action="killed",
+    )
+    report = Report()
+    report.add([leak.as_dict()])
+    path = tmp_path / "report.json"
+    path.write_text("old")
+    report.write(path)
+    assert json.loads(path.read_text()) == {
+        "version": 1,
+        "leaks": [
+            {
+                "owner": "t.py::t",
+                "kind": "orphan",
+                "pid": 10,
+                "ppid": 1,
+                "cmdline": ["sleep", "10"],
+                "phase": "teardown",
+                "action": "killed",
+            }
+        ],
+        "counts": {"leaked": 0, "zombie": 0, "orphan": 1},
+    }
+    assert os.listdir(tmp_path) == ["report.json"]  # no temporary file left behind
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    report = Report()
+    report.add([record(10, 1)])
+    path = tmp_path / "report.json"
+    path.mkdir()  # os.replace cannot put a file there
+    with pytest.raises(OSError, match="directory"):
+        report.write(path)
+    assert os.listdir(tmp_path) == ["report.json"]
+    assert path.is_dir()
