@@ -120,9 +120,9 @@ class LeakChecks:
     def _current(self) -> Owner:
         return self._stack[-1] if self._stack else self._test or self._session
 
-    def _observe(self, owner: Owner, phase: str, *, full: bool = False) -> Tracker | None:
+    def _observe(self, owner: Owner, phase: str) -> Tracker | None:
         if self.tracker is not None:
-            self.tracker.observe(owner, phase, full=full)
+            self.tracker.observe(owner, phase)
         return self.tracker
 
     # --- the hooks' entry points ----------------------------------------------------------
@@ -147,7 +147,7 @@ class LeakChecks:
         owner, self._test = self._test, None
         if owner is None:
             return None
-        tracker = self._observe(owner, self._phase, full=True)
+        tracker = self._observe(owner, self._phase)
         self._phase = "session"
         try:
             if tracker is None or not tracker.has_candidates(owner):
@@ -175,7 +175,7 @@ class LeakChecks:
         owner = self._fixtures.pop(key, None)
         if owner is None:
             return
-        tracker = self._observe(self._current(), self._phase, full=True)
+        tracker = self._observe(self._current(), self._phase)
         if tracker is not None and tracker.has_candidates(owner):
             self._check(owner, self.settings, test=False)
         self._where.pop(owner, None)
@@ -185,7 +185,7 @@ class LeakChecks:
         self._ended = True
         # procsafe's own workers first: whatever the fixtures still hold is not a leak.
         stop_procsafe_workers(self.settings.kill_grace)
-        tracker = self._observe(self._current(), self._phase, full=True)
+        tracker = self._observe(self._current(), self._phase)
         if tracker is not None:
             for owner in tracker.owners():
                 self._check(owner, self.settings, test=False)

@@ -1,7 +1,7 @@
 """Descendants of this process: Linux procfs fast path, psutil elsewhere; subreaper; stop.
 
 The per-test leak check runs several times per test, so the common case (no children at
-all) must cost about a microsecond: on Linux the children of the test process are read
+all) must cost a few microseconds: on Linux the children of the test process are read
 with one ``pread`` of an already open ``/proc/<pid>/task/<tid>/children`` file per thread
 (a full ``/proc`` scan or psutil costs about 1 ms). Deeper levels, start times and command
 lines are read only for processes that exist. Without children files (a kernel built
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import threading
 from collections.abc import Collection
 from typing import Any
 from typing import Final
@@ -126,7 +125,7 @@ class ProcTable:
         # tid -> open fd of its children file; reading an open seq file at offset 0 with
         # pread regenerates it, which is what makes the clean case cost one syscall.
         self._fds: dict[int, int] = {}
-        self._tasks = -1  # open fd of /proc/<root>/task, for the full listing
+        self._tasks = -1  # open fd of /proc/<root>/task: its link count counts threads
 
     def close(self) -> None:
         for fd in [*self._fds.values(), self._tasks]:
@@ -136,19 +135,13 @@ class ProcTable:
         self._fds.clear()
         self._tasks = -1
 
-    def tree(self, prune: Collection[int] = (), *, full: bool = False) -> dict[int, int]:
-        """``{pid: ppid}`` for every descendant; the subtrees under *prune* are not walked.
-
-        The fast form reads the children of the root's main thread and Python threads;
-        *full* those of every task of the root: threads started from C, and a Python
-        thread already joined whose OS thread has not exited yet (its children move to
-        the main thread only then).
-        """
+    def tree(self, prune: Collection[int] = ()) -> dict[int, int]:
+        """``{pid: ppid}`` for every descendant; the subtrees under *prune* are not walked."""
         if not LINUX:
             return self._tree_psutil(prune)
         if not self.fast:
             return self._tree_scan(prune)
-        first = self._root_children(full)
+        first = self._root_children()
         if not first:
             return {}
         found: dict[int, int] = {}
@@ -162,16 +155,16 @@ class ProcTable:
                 todo.extend((child, pid) for child in children(pid))
         return found
 
-    def _root_children(self, full: bool) -> list[int]:
+    def _root_children(self) -> list[int]:
         if self.root != os.getpid():  # a forked child running this code: no fd sharing
             return children(self.root)
+        if self._tasks < 0:
+            self._tasks = os.open(f"/proc/{self.root}/task", os.O_RDONLY | os.O_DIRECTORY)
+        # Each thread holds the children it started until its OS thread is gone (a joined
+        # Python thread may linger), so every task is read; the directory's link count
+        # is 2 + the number of tasks, which makes a single-threaded process one pread.
         tids: Collection[int]
-        if full:
-            if self._tasks < 0:
-                self._tasks = os.open(f"/proc/{self.root}/task", os.O_RDONLY | os.O_DIRECTORY)
-            tids = [int(tid) for tid in os.listdir(self._tasks)]
-        elif threading.active_count() == 1:
-            # The hot path of every clean test: one pread.
+        if os.fstat(self._tasks).st_nlink <= 3:
             fd = self._fds.get(self.root)
             if fd is not None:
                 with contextlib.suppress(OSError):
@@ -180,8 +173,7 @@ class ProcTable:
                         return [int(pid) for pid in data.split()]
             tids = (self.root,)
         else:
-            tids = {self.root}
-            tids.update(t.native_id for t in threading.enumerate() if t.native_id is not None)
+            tids = [int(tid) for tid in os.listdir(self._tasks)]
         if len(self._fds) > len(tids):
             for tid in [tid for tid in self._fds if tid not in tids]:
                 with contextlib.suppress(OSError):

@@ -112,7 +112,7 @@ class Tracker:
         if self.nested:
             # A pytest run inside a pytest run (pytester's inline mode): what runs already
             # belongs to the outer run, never to this one.
-            for pid, ppid in self.table.tree(full=True).items():
+            for pid, ppid in self.table.tree().items():
                 proc = _proctable.stat(pid)
                 if proc is not None:
                     self.seen[pid] = Seen(proc, None, "before", ppid)
@@ -143,9 +143,9 @@ class Tracker:
 
     # --- observing ----------------------------------------------------------------------
 
-    def observe(self, owner: Owner, phase: str, *, full: bool = False) -> None:
+    def observe(self, owner: Owner, phase: str) -> None:
         """Give every descendant not seen before to *owner*; forget those that are gone."""
-        tree = self.table.tree(self.prune, full=full)
+        tree = self.table.tree(self.prune)
         seen = self.seen
         if not tree and not seen:
             return
@@ -225,11 +225,11 @@ class Tracker:
         """Every descendant now that no rule exempts: the final sweep's targets."""
         machinery = _machinery_pids()
         out = []
-        for pid in self.table.tree(self.prune, full=True):
+        for pid in self.table.tree(self.prune):
             if pid in self.exempt or pid in machinery:
                 continue
             proc = _proctable.stat(pid)
-            if proc is not None and not _MACHINERY.search(" ".join(_proctable.cmdline(pid))):
+            if proc is not None and not _is_machinery(proc, machinery):
                 out.append(proc)
         return out
 
@@ -257,9 +257,7 @@ class Tracker:
                     entries.remove(entry)
                     self._forget(entry.proc.pid)
                     continue
-                if proc.pid in machinery or _MACHINERY.search(
-                    " ".join(_proctable.cmdline(proc.pid))
-                ):
+                if _is_machinery(proc, machinery):
                     entries.remove(entry)
                     self.exempt.add(proc.pid)
                     continue
@@ -299,6 +297,15 @@ def _machinery_pids() -> set[int]:
         if isinstance(pid, int):
             pids.add(pid)
     return pids
+
+
+def _is_machinery(proc: Proc, pids: set[int]) -> bool:
+    if proc.pid in pids:
+        return True
+    if not _MACHINERY.search(" ".join(_proctable.cmdline(proc.pid))):
+        return False
+    # A forkserver's children are forks of it, with its command line: they are workers.
+    return not _MACHINERY.search(" ".join(_proctable.cmdline(proc.ppid)))
 
 
 def _procsafe_owned() -> set[int]:

@@ -111,7 +111,7 @@ class Kids:
         """Stop what the test started with everything below it, and reap it."""
         below: dict[int, int] = {}
         with contextlib.closing(_proctable.ProcTable()) as table:
-            tree = table.tree(full=True)
+            tree = table.tree()
         started = {child.pid for child in self.procs}
         for pid in tree:
             ancestor: int | None = pid

@@ -171,7 +171,7 @@ def test_a_tree_is_leaked_below_its_root_and_a_thread_child_is_seen(
     thread.start()
     thread.join(WAIT)
     wait_until(lambda: bool(_proctable.children(shell.pid)), "the shell's child started")
-    tracker.observe(owner, "call", full=True)
+    tracker.observe(owner, "call")
     found = tracker.classify(tracker.take(owner), later=Owner("session", "session"))
     kinds = sorted((item.kind, item.proc.ppid == ROOT) for item in found)
     assert kinds == [("leaked", False), ("leaked", True), ("leaked", True)]

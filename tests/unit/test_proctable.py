@@ -49,16 +49,13 @@ def exit_with(code: int) -> None:
 # --- reading ----------------------------------------------------------------------------
 
 
-def test_tree_is_empty_without_children(table: ProcTable) -> None:
-    assert table.fast, "this kernel has /proc/<pid>/task/<tid>/children"
-    assert table.tree() == {}
-    assert table.tree(full=True) == {}
-
-
 def test_tree_holds_children_and_grandchildren(kids: Kids, table: ProcTable) -> None:
+    assert table.fast, "this kernel has /proc/<pid>/task/<tid>/children"
+    before = table.tree()  # multiprocessing's forkserver, say, if a test started it
     shell = kids.popen("sh", "-c", "sleep 60 & sleep 61; :")
-    wait_until(lambda: len(table.tree()) == 3, "three processes in the tree")
+    wait_until(lambda: len(table.tree()) == len(before) + 3, "three more processes")
     tree = table.tree()
+    assert set(tree) - set(before) == {shell.pid, *_proctable.children(shell.pid)}
     assert tree[shell.pid] == ROOT
     grandchildren = [pid for pid, ppid in tree.items() if ppid == shell.pid]
     assert sorted(_proctable.cmdline(pid) for pid in grandchildren) == [
@@ -66,7 +63,7 @@ def test_tree_holds_children_and_grandchildren(kids: Kids, table: ProcTable) -> 
         ("sleep", "61"),
     ]
     # Pruned subtrees are not walked; the pruned process itself is still listed.
-    assert table.tree(prune={shell.pid}) == {shell.pid: ROOT}
+    assert set(table.tree(prune={shell.pid})) == {*before, shell.pid}
     # The fallbacks (no children files; psutil) see the same tree.
     assert table._tree_scan(()) == tree
     assert table._tree_psutil(()) == tree
@@ -88,11 +85,12 @@ def test_children_of_a_running_thread_are_seen(kids: Kids, table: ProcTable) -> 
         assert started.wait(WAIT)
         # The child belongs to the thread's task until the thread ends.
         assert popens[0].pid in table.tree()
-        assert popens[0].pid in table.tree(full=True)
     finally:
         release.set()
         thread.join(WAIT)
-    wait_until(lambda: popens[0].pid in table.tree(), "the child seen after the join")
+    # Right after the join the OS thread may still exist, holding the child: either way
+    # the child is seen, under the lingering thread or under the main one.
+    assert popens[0].pid in table.tree()
 
 
 def test_stat_tells_zombies_and_start_times(kids: Kids) -> None:
@@ -141,6 +139,7 @@ def test_send_signals_only_the_same_descendant(kids: Kids) -> None:
     assert not _reaper.send(found._replace(start=found.start + 1), signal.SIGTERM, ROOT)
     assert not _reaper.send(found, signal.SIGTERM, root=found.pid)
     assert sleeper.poll() is None
+    assert _reaper.dies_on_sigterm(sleeper.pid)
     assert _reaper.send(found, signal.SIGTERM, ROOT)
     assert sleeper.wait(WAIT) == -signal.SIGTERM
     assert not _reaper.send(found, signal.SIGTERM, ROOT)  # gone: nothing to signal
@@ -172,8 +171,8 @@ def test_stop_takes_children_before_parents_and_kills_after_the_grace(kids: Kids
     wait_until(lambda: len(_proctable.children(shell.pid)) == 2, "both sleeps started")
     tree = [proc(shell.pid), *map(proc, _proctable.children(shell.pid))]
     assert _reaper.depth_order(tree)[-1].pid == shell.pid
-    assert not _reaper.dies_on_sigterm(shell.pid)
-    assert all(_reaper.dies_on_sigterm(p.pid) for p in tree[1:])
+    # The shell ignores SIGTERM, and so do the children it started after the trap.
+    assert not any(_reaper.dies_on_sigterm(p.pid) for p in tree)
     started = time.monotonic()
     actions = _reaper.stop(tree, 0.2, ROOT)
     # The shell ignores SIGTERM: it is killed after the grace, not after KILL_WAIT.
