@@ -64,9 +64,15 @@ def test_tree_holds_children_and_grandchildren(kids: Kids, table: ProcTable) -> 
     ]
     # Pruned subtrees are not walked; the pruned process itself is still listed.
     assert set(table.tree(prune={shell.pid})) == {*before, shell.pid}
-    # The fallbacks (no children files; psutil) see the same tree.
+    # The fallback for kernels without children files sees the same tree.
     assert table._tree_scan(()) == tree
-    assert table._tree_psutil(()) == tree
+
+
+def test_the_psutil_table_sees_the_same_tree(kids: Kids, table: ProcTable) -> None:
+    pytest.importorskip("psutil", reason="psutil is a dependency off Linux only")
+    shell = kids.popen("sh", "-c", "sleep 60 & sleep 61; :")
+    wait_until(lambda: len(_proctable.children(shell.pid)) == 2, "both sleeps started")
+    assert table._tree_psutil(()) == table.tree()
 
 
 def test_children_of_a_running_thread_are_seen(kids: Kids, table: ProcTable) -> None:
