@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import pickle
 import signal
 import sys
-import threading
 import time
 import types
 from collections.abc import Callable
@@ -15,10 +13,20 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
 from typing import NamedTuple
 
 import pytest
+import worker_targets
+from worker_targets import answer
+from worker_targets import exit_with
+from worker_targets import parent_death_signal
+from worker_targets import raise_keyboard_interrupt
+from worker_targets import raise_needs_two_args
+from worker_targets import raise_unpicklable
+from worker_targets import raise_value_error
+from worker_targets import ready_then_sleep
+from worker_targets import ready_then_spin_in_a_named_function
+from worker_targets import return_a_lock
 
 from pytest_procsafe import _bootstrap
 from pytest_procsafe._bootstrap import Launch
@@ -27,65 +35,6 @@ from pytest_procsafe._payload import Payload
 
 WAIT = 60.0  # generous: only a broken child ever takes this long
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux prctl")
-
-
-# --- targets (module level, so every start method imports them by name) -----------------
-
-
-def answer() -> int:
-    return 42
-
-
-def unpicklable_value() -> object:
-    return threading.Lock()
-
-
-def raise_value_error() -> None:
-    raise ValueError("boom")
-
-
-class CarriesALock(Exception):
-    def __init__(self) -> None:
-        super().__init__("with a lock")
-        self.lock = threading.Lock()
-
-
-def raise_unpicklable() -> None:
-    raise CarriesALock
-
-
-class NeedsTwoArgs(Exception):
-    def __init__(self, first: str, second: str) -> None:
-        super().__init__(f"{first}+{second}")  # args has one item: unpickling fails
-
-
-def raise_needs_two_args() -> None:
-    raise NeedsTwoArgs("a", "b")
-
-
-def raise_keyboard_interrupt() -> None:
-    raise KeyboardInterrupt
-
-
-def exit_with(code: object) -> None:
-    raise SystemExit(code)
-
-
-def ready_then_spin_in_a_named_function(ready: Any) -> None:
-    ready.set()
-    while True:
-        time.sleep(0.01)
-
-
-def ready_then_sleep(ready: Any, seconds: float) -> None:
-    ready.set()
-    time.sleep(seconds)
-
-
-def parent_death_signal() -> int:
-    value = ctypes.c_int(-1)
-    ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG
-    return value.value
 
 
 # --- helpers --------------------------------------------------------------------------
@@ -157,9 +106,9 @@ def test_a_return_value_is_sent_and_the_exit_code_is_0(launcher: Launcher) -> No
 
 
 def test_an_unpicklable_value_is_described_instead(launcher: Launcher) -> None:
-    outcome, code = launcher.outcome(unpicklable_value)
+    outcome, code = launcher.outcome(return_a_lock)
     assert (outcome.kind, outcome.blob, code) == (_bootstrap.UNPICKLABLE, None, 0)
-    assert "the return value of 'unpicklable_value' cannot be pickled" in outcome.text
+    assert "the return value of 'return_a_lock' cannot be pickled" in outcome.text
     assert "lock" in outcome.text
 
 
@@ -172,7 +121,7 @@ def test_an_exception_is_sent_with_its_traceback_and_the_exit_code_is_1(
     exc = pickle.loads(outcome.blob)
     assert type(exc) is ValueError
     assert exc.args == ("boom",)
-    assert f'File "{__file__}"' in outcome.text
+    assert f'File "{worker_targets.__file__}"' in outcome.text
     assert "in raise_value_error" in outcome.text
     assert _bootstrap.__file__ not in outcome.text  # the user's code starts the traceback
 

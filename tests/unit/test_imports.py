@@ -248,9 +248,7 @@ def _put_result(queue: Any, function: Callable[[str], object], tag: str) -> None
 
 @children_only
 def test_pool_and_process_pool_executor_find_them_too(
-    mp_context: BaseContext,
-    mp_start_method: str,
-    outside_sys_path: Callable[[str], types.ModuleType],
+    mp_context: BaseContext, outside_sys_path: Callable[[str], types.ModuleType]
 ) -> None:
     helper = outside_sys_path("helper")
     expected = ("pool", helper.__name__, "helper.py")
@@ -259,5 +257,6 @@ def test_pool_and_process_pool_executor_find_them_too(
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=mp_context) as executor:
         assert executor.submit(helper.whoami, "pool").result(WAIT) == expected
         # ... and one generation further: the worker's own pool resolves the module too.
-        nested = executor.submit(helper.nested, mp_start_method).result(WAIT)
+        # (A spawn pool: a forkserver one would leave its server orphaned by the worker.)
+        nested = executor.submit(helper.nested, "spawn").result(WAIT)
     assert nested == ("grandchild", helper.__name__, "helper.py")

@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import ctypes
-import faulthandler
-import os
 import queue as queue_module
 import signal
 import sys
@@ -11,9 +8,25 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
-from typing import Any
 
 import pytest
+import worker_targets
+from worker_targets import Oops
+from worker_targets import big_result
+from worker_targets import block_on_event
+from worker_targets import describe
+from worker_targets import exit_with
+from worker_targets import hard_exit
+from worker_targets import ignore_sigterm_and_sleep
+from worker_targets import kill_myself
+from worker_targets import parent_death_signal
+from worker_targets import put_big_item
+from worker_targets import raise_keyboard_interrupt
+from worker_targets import raise_needs_two_args
+from worker_targets import raise_oops
+from worker_targets import return_a_lock
+from worker_targets import spin_forever_in_here
+from worker_targets import square
 
 from pytest_procsafe import Worker
 from pytest_procsafe import WorkerCrashed
@@ -26,85 +39,6 @@ from pytest_procsafe._outcomes import RemoteTraceback
 WAIT = 60.0  # generous: only a broken worker ever takes this long
 TIMEOUT = 1.0  # the groups' timeout in tests about hangs
 GRACE = 0.5
-
-
-# --- targets (module level, so every start method imports them by name) -----------------
-
-
-def square(x: int) -> int:
-    return x * x
-
-
-def describe(*args: object, **kwargs: object) -> tuple[tuple[object, ...], dict[str, object]]:
-    return args, kwargs
-
-
-class Oops(Exception):
-    """An exception type of the test's own."""
-
-
-def raise_oops() -> None:
-    raise Oops("from the worker")
-
-
-class NeedsTwoArgs(Exception):
-    def __init__(self, first: str, second: str) -> None:
-        super().__init__(f"{first}+{second}")  # cannot be unpickled
-
-
-def raise_needs_two_args() -> None:
-    raise NeedsTwoArgs("a", "b")
-
-
-def raise_keyboard_interrupt() -> None:
-    raise KeyboardInterrupt
-
-
-def exit_with(code: object) -> None:
-    raise SystemExit(code)
-
-
-def hard_exit(code: int) -> None:
-    os._exit(code)
-
-
-def kill_myself(signum: int) -> None:
-    faulthandler.disable()  # a fork child inherits pytest's, which would dump to stderr
-    os.kill(os.getpid(), signum)
-    time.sleep(WAIT)
-
-
-def return_a_lock() -> object:
-    return threading.Lock()
-
-
-def big_result(size: int) -> bytes:
-    return b"x" * size
-
-
-def spin_forever_in_here() -> None:
-    while True:
-        time.sleep(0.01)
-
-
-def ignore_sigterm_and_sleep() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    while True:
-        time.sleep(0.01)
-
-
-def block_on_event(event: Any) -> None:
-    event.wait(WAIT)
-
-
-def put_big_item(queue: Any, size: int) -> None:
-    queue.put(b"y" * size)  # the feeder thread blocks until someone reads
-
-
-def parent_death_signal() -> int:
-    value = ctypes.c_int(-1)
-    ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG
-    return value.value
 
 
 # --- fixtures -------------------------------------------------------------------------
@@ -184,9 +118,9 @@ def test_closures_and_lambdas_are_targets(group: WorkerGroup, mp_context: BaseCo
 
 
 def test_a_big_result_does_not_deadlock_join(group: WorkerGroup) -> None:
-    worker = group(big_result, 64 * 1024 * 1024)  # far beyond any pipe buffer
+    worker = group(big_result, 16 * 1024 * 1024)  # far beyond any pipe buffer
     worker.join()  # the child can only exit once the parent read its result
-    assert len(worker.result()) == 64 * 1024 * 1024
+    assert len(worker.result()) == 16 * 1024 * 1024
 
 
 def test_names_must_be_unique_strings(group: WorkerGroup) -> None:
@@ -226,7 +160,7 @@ def test_the_childs_own_exception_is_reraised_with_the_remote_traceback(
     cause = info.value.__cause__
     assert isinstance(cause, RemoteTraceback)
     assert "in raise_oops" in str(cause)
-    assert f'File "{__file__}"' in str(cause)
+    assert f'File "{worker_targets.__file__}"' in str(cause)
     with pytest.raises(Oops):  # and again, as often as asked
         worker.result()
     worker.join()
@@ -409,10 +343,10 @@ def test_pumps_run_while_waiting_so_a_blocked_writer_can_exit(
             pass
 
     try:
-        worker = group(put_big_item, queue, 8 * 1024 * 1024)
+        worker = group(put_big_item, queue, 4 * 1024 * 1024)
         group.add_pump(drain)
         worker.join()  # without the pump this would wait for ever: the feeder is blocked
-        assert received == [8 * 1024 * 1024]
+        assert received == [4 * 1024 * 1024]
         assert worker.exitcode == 0
     finally:
         queue.close()
@@ -458,7 +392,7 @@ def test_diagnose_says_what_each_worker_is_doing(
 
     assert lines == [
         f"worker 'square-1' pid {done.pid} returned 16 and exited with code 0",
-        f"worker 'raise_oops-1' pid {raised.pid} raised test_workers.Oops: from the worker "
+        f"worker 'raise_oops-1' pid {raised.pid} raised worker_targets.Oops: from the worker "
         "and exited with code 1",
         f"worker 'hard_exit-1' pid {crashed.pid} exited with code 2 before handing back a result",
         f"worker 'block_on_event-1' pid {running.pid} is still running",
