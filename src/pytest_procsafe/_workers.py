@@ -317,7 +317,10 @@ class WorkerGroup:
         elif _STACK_SIGNAL is None:
             lines.append("(No stack: this platform has no SIGUSR1 for faulthandler.)")
         else:
-            lines.append("(No stack: the worker had not reached the procsafe bootstrap yet.)")
+            lines.append(
+                "(No stack: the worker dumped none. It had not reached the procsafe bootstrap "
+                "yet, or its code replaced the SIGUSR1 handler.)"
+            )
         earlier = worker.unobserved_problem(include_crash=False)
         if earlier is not None:
             lines.append(f"Before that it {earlier}")

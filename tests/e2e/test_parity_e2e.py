@@ -124,7 +124,13 @@ def test_targets_from_test_files_and_conftests_in_every_import_mode(
 
     with no_survivors(monkeypatch):
         result = pytester.runpytest_subprocess(
-            "-p", "procsafe", f"--import-mode={mode}", "-v", "project", timeout=RUN_LIMIT
+            "-p",
+            "procsafe",
+            "--procsafe-leaks=fail",
+            f"--import-mode={mode}",
+            "-v",
+            "project",
+            timeout=RUN_LIMIT,
         )
 
     result.assert_outcomes(passed=8 * len(METHODS))

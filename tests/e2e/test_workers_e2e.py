@@ -140,7 +140,10 @@ HANGS = """
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", "procsafe", *args, timeout=RUN_LIMIT)
+    # Leak checks fail the inner run too: a worker left behind would be one more error.
+    return pytester.runpytest_subprocess(
+        "-p", "procsafe", "--procsafe-leaks=fail", *args, timeout=RUN_LIMIT
+    )
 
 
 def test_outcomes_across_start_methods(
