@@ -1,4 +1,4 @@
-"""Worker and WorkerGroup: start workers, hand back their outcomes, and always reap them.
+"""WorkerGroup: start workers, hand back their outcomes, and always reap them.
 
 A `WorkerGroup` (the ``mp_process`` fixture) starts each worker as a ``multiprocessing``
 process of the test's context whose target is `_bootstrap.main`; the bootstrap sends the
@@ -7,9 +7,11 @@ worker it also reads that pipe (``multiprocessing.connection.wait`` on the proce
 sentinel *and* the pipe), so a worker sending a large result never blocks on a full pipe
 while the parent waits for it to exit.
 
-`WorkerGroup.close` is the teardown: join within the timeout, dump the stack of each worker
-still running (faulthandler on SIGUSR1 inside the child), terminate, kill after the grace,
-reap, and describe every worker that hung, or raised or crashed without the test looking.
+One worker, its outcome and the wait loop live in `_outcomes`; this module holds the
+group, its teardown and the registry of live groups. `WorkerGroup.close` is the teardown:
+join within the timeout, dump the stack of each worker still running (faulthandler on
+SIGUSR1 inside the child), terminate, kill after the grace, reap, and describe every
+worker that hung, or raised or crashed without the test looking.
 
 Signals only ever go to our own unreaped children: a child's pid cannot be reused before
 its parent reaps it, and multiprocessing only reaps by the child's own pid.
