@@ -104,8 +104,6 @@ class LeakChecks:
         self._phase = "collection"
         self._stack: list[Owner] = []  # wider-scoped fixtures being set up
         self._fixtures: dict[object, Owner] = {}
-        # Where a warning points: the test's or fixture's line (tests: computed if needed).
-        self._where: dict[Owner, Where | Callable[[], Where]] = {}
         self._deferred: list[tuple[Proc, str]] = []  # stopped at session end
         self._subreaper: bool | None = None
         self._ended = False
@@ -132,8 +130,7 @@ class LeakChecks:
         self._phase = "session"
 
     def test_start(self, nodeid: str, where: Callable[[], Where]) -> None:
-        self._test = owner = Owner(nodeid, "test")
-        self._where[owner] = where
+        self._test = Owner(nodeid, "test", where)
         self._phase = "setup"
 
     def advance(self, phase: str) -> None:
@@ -145,23 +142,19 @@ class LeakChecks:
     def test_end(self, settings: Callable[[], Settings]) -> str | None:
         """Check the test that just tore down; the failure text under ``leaks=fail``."""
         owner, self._test = self._test, None
-        if owner is None:
+        tracker = self.tracker
+        if owner is None or tracker is None:
             return None
-        tracker = self._observe(owner, self._phase)
+        tracker.observe(owner, self._phase)
         self._phase = "session"
-        try:
-            if tracker is None or not tracker.has_candidates(owner):
-                return None
-            return self._check(owner, settings(), test=True)
-        finally:
-            self._where.pop(owner, None)
+        if not tracker.has_candidates(owner):
+            return None
+        return self._check(owner, settings(), test=True)
 
     def fixture_enter(self, key: object, name: str, where: Where | None) -> None:
         self._observe(self._current(), self._phase)
-        owner = Owner(f"fixture {name}", "fixture")
+        owner = Owner(f"fixture {name}", "fixture", where)
         self._fixtures[key] = owner
-        if where is not None:
-            self._where[owner] = where
         self._stack.append(owner)
 
     def fixture_exit(self, key: object) -> None:
@@ -178,7 +171,6 @@ class LeakChecks:
         tracker = self._observe(self._current(), self._phase)
         if tracker is not None and tracker.has_candidates(owner):
             self._check(owner, self.settings, test=False)
-        self._where.pop(owner, None)
 
     def session_end(self) -> None:
         """After the session's fixtures: check every owner left, clean up, write the report."""
@@ -269,7 +261,7 @@ class LeakChecks:
                 return message
             self.failed = True
             return None
-        where = self._where.get(owner)
+        where = owner.where
         self._warn(message, where() if callable(where) else where, escalate=test)
         return None
 

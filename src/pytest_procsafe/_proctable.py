@@ -135,6 +135,16 @@ class ProcTable:
         self._fds.clear()
         self._tasks = -1
 
+    def quiet(self) -> bool:
+        """True when the root has no child at all: one fstat and a one-byte pread."""
+        fd = self._fds.get(self.root)
+        if fd is None or self._tasks < 0 or self.root != os.getpid():
+            return False
+        try:
+            return os.fstat(self._tasks).st_nlink <= 3 and not os.pread(fd, 1, 0)
+        except OSError:
+            return False
+
     def tree(self, prune: Collection[int] = ()) -> dict[int, int]:
         """``{pid: ppid}`` for every descendant; the subtrees under *prune* are not walked."""
         if not LINUX:
@@ -167,10 +177,12 @@ class ProcTable:
         if os.fstat(self._tasks).st_nlink <= 3:
             fd = self._fds.get(self.root)
             if fd is not None:
-                with contextlib.suppress(OSError):
+                try:
                     data = os.pread(fd, 65536, 0)
-                    if len(data) < 65536:
-                        return [int(pid) for pid in data.split()]
+                except OSError:
+                    data = b"x" * 65536  # read again below
+                if len(data) < 65536:
+                    return [int(pid) for pid in data.split()]
             tids = (self.root,)
         else:
             tids = [int(tid) for tid in os.listdir(self._tasks)]

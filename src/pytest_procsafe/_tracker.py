@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Final
 from typing import Literal
@@ -45,13 +46,31 @@ _MACHINERY: Final = re.compile(
 EXECNET: Final = "import sys;exec(eval(sys.stdin.readline()))"
 
 
-@final
-@dataclasses.dataclass(frozen=True, eq=False)
-class Owner:
-    """Who answers for processes first seen while it ran (compared by identity)."""
+Where = tuple[str, int]
 
-    label: str
-    scope: Literal["test", "fixture", "session"]
+
+@final
+class Owner:
+    """Who answers for processes first seen while it ran (compared by identity).
+
+    A plain slotted class: one is made for every test, so it must be cheap.
+    """
+
+    __slots__ = ("label", "scope", "where")
+
+    def __init__(
+        self,
+        label: str,
+        scope: Literal["test", "fixture", "session"],
+        where: Where | Callable[[], Where] | None = None,
+    ) -> None:
+        self.label: Final = label
+        self.scope: Final = scope
+        #: Where its warning points (a test's is computed only when there is one).
+        self.where: Final = where
+
+    def __repr__(self) -> str:
+        return f"Owner({self.label!r}, {self.scope!r})"
 
 
 @dataclasses.dataclass(eq=False)
@@ -145,10 +164,10 @@ class Tracker:
 
     def observe(self, owner: Owner, phase: str) -> None:
         """Give every descendant not seen before to *owner*; forget those that are gone."""
-        tree = self.table.tree(self.prune)
         seen = self.seen
-        if not tree and not seen:
+        if not seen and self.table.quiet():  # the clean test's whole cost
             return
+        tree = self.table.tree(self.prune)
         for pid, ppid in tree.items():
             entry = seen.get(pid)
             if entry is not None and (entry.ppid == ppid or self._moved(entry, ppid)):
