@@ -3,7 +3,7 @@
 `LeakChecks` is what the plugin's hooks call (and all they do): it moves the owner along
 (session, test phases, wider-scoped fixtures), checks each owner when it ends, reports
 (`ProcessLeakWarning`, a test failure, the summary and JSON report) and cleans up under
-the cleanup policy. `_tracker` does the observing and classifying, `_proctable` the
+the cleanup policy. `_tracker` does the observing and classifying, `_reaper` the
 signalling and reaping, `_report` the words.
 
 Every way a run ends goes through `LeakChecks.session_end` (normal end, ``-x``, Ctrl-C,
@@ -81,7 +81,7 @@ class LeakedProcess:
 
 
 def stop_procsafe_workers(grace: float) -> None:
-    """Stop the workers procsafe's fixtures started and still own (issue: every exit)."""
+    """Stop the workers procsafe's fixtures started and still own: on every way out."""
     stop_all = getattr(sys.modules.get("pytest_procsafe._workers"), "stop_all", None)
     if callable(stop_all):
         stop_all(grace)
@@ -245,8 +245,7 @@ class LeakChecks:
         if cleanup == "kill":
             actions = _reaper.stop(procs, settings.kill_grace, tracker.root)
             records = [
-                dataclasses.replace(r, action=actions.get(r.pid, r.action))  # type: ignore[arg-type]
-                for r in records
+                dataclasses.replace(r, action=actions.get(r.pid, r.action)) for r in records
             ]
         elif cleanup == "session":
             self._deferred.extend((proc, owner.label) for proc in procs)

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Final
+from typing import Literal
 
 from pytest_procsafe._proctable import LINUX
 from pytest_procsafe._proctable import Proc
@@ -196,7 +197,9 @@ def _end_pools(pids: Collection[int]) -> None:
                 obj.terminate()
 
 
-def stop(procs: Sequence[Proc], grace: float, root: int, *, pools: bool = True) -> dict[int, str]:
+def stop(
+    procs: Sequence[Proc], grace: float, root: int, *, pools: bool = True
+) -> dict[int, Literal["killed", "reaped"]]:
     """Stop a set of processes (whole trees): children before parents, SIGTERM, SIGKILL
     after *grace*, then reap. Returns ``{pid: "killed" | "reaped"}``.
 
@@ -214,7 +217,9 @@ def stop(procs: Sequence[Proc], grace: float, root: int, *, pools: bool = True) 
         if pid in pids and isinstance(handle, subprocess.Popen)
     }
     # What was running counts as killed even when a pool's terminate() ended it.
-    actions = {pid: "killed" if pid in alive else "reaped" for pid in pids}
+    actions: dict[int, Literal["killed", "reaped"]] = {
+        pid: "killed" if pid in alive else "reaped" for pid in pids
+    }
     for proc in ordered:
         send(proc, signal.SIGTERM, root)
     left = running(wait_gone(ordered, grace, root, handles))

@@ -73,6 +73,7 @@ class Owner:
         return f"Owner({self.label!r}, {self.scope!r})"
 
 
+@final
 @dataclasses.dataclass(eq=False)
 class Seen:
     """A descendant the tracker knows, with its owner at first sight."""
@@ -168,6 +169,9 @@ class Tracker:
         if not seen and self.table.quiet():  # the clean test's whole cost
             return
         tree = self.table.tree(self.prune)
+        # A known pid under the same parent is taken to be the same process: pids are
+        # handed out in sequence, so a reuse between two observations would take the
+        # whole pid space going round within one test phase.
         for pid, ppid in tree.items():
             entry = seen.get(pid)
             if entry is not None and (entry.ppid == ppid or self._moved(entry, ppid)):
