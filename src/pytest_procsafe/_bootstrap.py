@@ -5,9 +5,12 @@
 1. arm the parent-death signal (Linux), so a worker dies with a killed pytest;
 2. register a faulthandler stack dump of every thread on ``SIGUSR1``, written to a file the
    parent created, so the parent can show where a hung worker is stuck;
-3. load the payload (under spawn/forkserver this unpickles the target, which may import
+3. start coverage when the parent's `_coverage.Plan` asks for it (before the payload is
+   loaded, so a spawn child's imports of the test module are measured too);
+4. load the payload (under spawn/forkserver this unpickles the target, which may import
    the test module: a failure is reported as the outcome, not as a bare crash);
-4. run the target and send its outcome over the result pipe.
+5. run the target, save the coverage data, and send its outcome over the result pipe:
+   saving first means the test process never holds a result whose data is not on disk.
 
 Outcomes and exit codes, mirroring ``multiprocessing.Process`` where it has a rule:
 
@@ -32,12 +35,14 @@ import pickle
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import IO
 from typing import Any
 from typing import Final
 from typing import NamedTuple
 
+from pytest_procsafe import _coverage
 from pytest_procsafe._payload import Payload
 from pytest_procsafe._payload import dumps
 
@@ -63,6 +68,9 @@ class Launch(NamedTuple):
     #: The pid the child's parent must have once the signal is armed; None when the parent
     #: is not the test process (forkserver: the server is the parent).
     parent_pid: int | None
+    #: What to do for coverage; None when the test run is not measured (or coverage's own
+    #: configuration does all of it).
+    coverage: _coverage.Plan | None = None
 
 
 class Outcome(NamedTuple):
@@ -88,20 +96,21 @@ def main(payload: Payload, result: Connection, launch: Launch) -> None:
     """Run *payload* in this worker and send its `Outcome` over *result*."""
     _arm_parent_death_signal(launch)
     _register_stack_dump(launch.stack_file)
+    finish = _start_coverage(launch.coverage)
     try:
         target, args, kwargs = payload.load()
     except BaseException as exc:
-        _send(result, _load_failure(payload.name, launch.start_method, exc))
+        _send(result, _load_failure(payload.name, launch.start_method, exc), finish)
         raise SystemExit(1) from None
     try:
         value = target(*args, **kwargs)
     except SystemExit as exc:
-        _send(result, exit_outcome(exc))
+        _send(result, exit_outcome(exc), finish)
         raise
     except BaseException as exc:
-        _send(result, error_outcome(exc))
+        _send(result, error_outcome(exc), finish)
         raise SystemExit(1) from None
-    _send(result, value_outcome(payload.name, value))
+    _send(result, value_outcome(payload.name, value), finish)
 
 
 def value_outcome(name: str, value: object) -> Outcome:
@@ -160,7 +169,35 @@ def _format(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def _send(result: Connection, outcome: Outcome) -> None:
+def _start_coverage(plan: _coverage.Plan | None) -> Callable[[], None]:
+    """Start measuring as *plan* says; returns what saves the data (a no-op without one).
+
+    Coverage is a bystander: if it cannot start or save here, the worker runs anyway and
+    says why on stderr.
+    """
+    if plan is None:
+        return _nothing
+    try:
+        finish = _coverage.start(plan)
+    except Exception as exc:
+        sys.stderr.write(f"procsafe: could not measure coverage in this worker: {exc!r}\n")
+        return _nothing
+
+    def guarded() -> None:
+        try:
+            finish()
+        except Exception as exc:
+            sys.stderr.write(f"procsafe: could not save this worker's coverage: {exc!r}\n")
+
+    return guarded
+
+
+def _nothing() -> None:
+    return None
+
+
+def _send(result: Connection, outcome: Outcome, finish: Callable[[], None]) -> None:
+    finish()
     try:
         result.send_bytes(pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL))
     except OSError:

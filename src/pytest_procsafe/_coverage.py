@@ -37,6 +37,10 @@ class Plan(NamedTuple):
     config: str | None
     #: Constructor arguments when ``config`` is None.
     kwargs: dict[str, Any]
+    #: The absolute base name of the parent's data file: the worker's parallel data file
+    #: goes next to it (where the combine step looks), whatever either process's working
+    #: directory is by then. None for "sigterm".
+    data_file: str | None = None
 
 
 def plan(start_method: str) -> Plan | None:
@@ -52,21 +56,36 @@ def plan(start_method: str) -> Plan | None:
         if getattr(config, "sigterm", False):
             return None  # coverage does all of it
         return Plan("sigterm", None, {})
+    data_file = _data_file(cov, config)
     serialize = getattr(config, "serialize", None)
     if callable(serialize):
-        return Plan("start", _DATA_PREFIX + serialize(), {})
+        return Plan("start", _DATA_PREFIX + serialize(), {}, data_file)
     return Plan(
         "start",
         None,
         {
-            "data_file": os.path.abspath(config.data_file),
+            "data_file": data_file,
             "config_file": config.config_file or False,
             "branch": config.branch,
             "source": [_abs_if_exists(s) for s in config.source] if config.source else None,
             "include": list(config.run_include) or None,
             "omit": list(config.run_omit) or None,
         },
+        data_file,
     )
+
+
+def _data_file(cov: Any, config: Any) -> str:
+    """Where the parent's data really goes: its data object resolved the name when the
+    measurement started (pytest-cov starts it in the rootdir), and a test may have changed
+    the working directory since."""
+    data = getattr(cov, "_data", None)
+    base = getattr(data, "base_filename", None)
+    if callable(base):
+        name = base()
+        if isinstance(name, str) and name:
+            return name
+    return os.path.abspath(str(config.data_file))
 
 
 def _coverage_measures_children(start_method: str, config: Any) -> bool:
@@ -109,6 +128,8 @@ def start(the_plan: Plan) -> Callable[[], None]:
         inherited.stop()
     if the_plan.config is not None:
         cov = coverage.Coverage(config_file=the_plan.config, data_suffix=True)
+        if the_plan.data_file is not None:
+            cov.config.data_file = the_plan.data_file  # read when it starts, just below
     else:
         cov = coverage.Coverage(data_suffix=True, **the_plan.kwargs)
     # The worker may run none of the measured code: that is not worth a warning.

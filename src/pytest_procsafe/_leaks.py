@@ -185,6 +185,16 @@ class LeakChecks:
         if self._write_report and self.settings.report is not None:
             self.report.write(self.settings.report)
 
+    def worker_output(self) -> dict[str, Any]:
+        """An xdist worker's findings for its controller (after `session_end`)."""
+        return _report.worker_output(self.report.records, self.failed)
+
+    def add_worker_output(self, worker: str, output: object) -> None:
+        """The controller takes in what an xdist worker found (see `worker_output`)."""
+        records, failed = _report.from_worker(worker, output)
+        self.report.add(records)
+        self.failed = self.failed or failed
+
     def close(self) -> None:
         """Unconfigure: the safety net for runs that never reached `session_end`."""
         try:

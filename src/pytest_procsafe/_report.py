@@ -1,8 +1,11 @@
 """What the leak checks found, for people and for tools: messages, summary, JSON report.
 
 Records are plain dicts (the JSON report's ``leaks`` entries: owner, kind, pid, ppid,
-cmdline, phase, action) so they can travel from xdist workers to the controller as they
-are. Leaked process trees are drawn as trees.
+cmdline, phase, action) so they travel from xdist workers to the controller as they are:
+each worker puts `worker_output` into ``config.workeroutput`` (JSON-able, so a worker on
+another interpreter or machine works too) and the controller reads it back with
+`from_worker`, adding ``worker`` (the xdist worker id) to each record. Leaked process
+trees are drawn as trees.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import final
 
 VERSION: Final = 1
 KINDS: Final = ("leaked", "zombie", "orphan")
+#: The key of an xdist worker's ``config.workeroutput`` that carries its findings.
+WORKER_KEY: Final = "procsafe"
 #: Longest command line shown in messages and the summary (the JSON report has it all).
 WIDTH: Final = 160
 
@@ -90,6 +95,27 @@ def describe(owner: str, records: Sequence[Record], cleanup: str) -> str:
     return f"{head}\n{body}\n{tail}"
 
 
+def worker_output(records: Iterable[Record], failed: bool) -> dict[str, Any]:
+    """What an xdist worker sends its controller: its records and whether the run fails."""
+    return {"version": VERSION, "leaks": [dict(record) for record in records], "failed": failed}
+
+
+def from_worker(worker: str, output: object) -> tuple[list[dict[str, Any]], bool]:
+    """The records (each marked with *worker*) and the failed flag in a worker's output.
+
+    A worker that sent nothing (it crashed, or runs without procsafe) contributes nothing.
+    """
+    if not isinstance(output, Mapping) or output.get("version") != VERSION:
+        return [], False
+    leaks = output.get("leaks")
+    records = [
+        {**record, "worker": worker}
+        for record in (leaks if isinstance(leaks, list) else [])
+        if isinstance(record, Mapping)
+    ]
+    return records, output.get("failed") is True
+
+
 @final
 class Report:
     """Every leak of the run, in the order found (xdist: every worker's too)."""
@@ -121,7 +147,9 @@ class Report:
         lines = [f"{len(self.records)} left behind ({counts})"]
         owners: dict[str, list[Record]] = {}
         for record in self.records:
-            owners.setdefault(record["owner"], []).append(record)
+            worker = record.get("worker")  # pids only mean something on their own worker
+            owner = f"{record['owner']} [{worker}]" if worker else record["owner"]
+            owners.setdefault(owner, []).append(record)
         for owner, records in owners.items():
             lines.append(owner)
             lines.extend("    " + line for line in tree_lines(records))

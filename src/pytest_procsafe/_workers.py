@@ -36,6 +36,7 @@ from typing import Final
 from typing import final
 
 from pytest_procsafe import _bootstrap
+from pytest_procsafe import _coverage
 from pytest_procsafe._outcomes import Worker
 from pytest_procsafe._outcomes import WorkerCrashed
 from pytest_procsafe._outcomes import WorkerError
@@ -112,6 +113,7 @@ class WorkerGroup:
         self._pump_errors: list[str] = []
         self._counters: dict[str, int] = {}
         self._problems: list[str] | None = None
+        self._coverage: tuple[_coverage.Plan | None] | None = None  # computed once
         _LIVE.add(self)
 
     def __call__(
@@ -147,6 +149,7 @@ class WorkerGroup:
                 or threading.current_thread() is threading.main_thread()
             ),
             parent_pid=None if self.start_method == "forkserver" else os.getpid(),
+            coverage=self._coverage_plan(),
         )
         reader, writer = self._context.Pipe(duplex=False)
         # The stubs only give Process to the concrete context classes.
@@ -169,6 +172,12 @@ class WorkerGroup:
         worker = Worker(self, process, reader, name, stack_file)
         self._workers.append(worker)
         return worker
+
+    def _coverage_plan(self) -> _coverage.Plan | None:
+        # Once per group: whether and how the run is measured does not change within a test.
+        if self._coverage is None:
+            self._coverage = (_coverage.plan(self.start_method),)
+        return self._coverage[0]
 
     @property
     def closed(self) -> bool:

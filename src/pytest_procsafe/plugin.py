@@ -11,6 +11,7 @@ from collections.abc import Generator
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from multiprocessing.managers import SyncManager
+from typing import Any
 from typing import Final
 from typing import final
 
@@ -20,6 +21,7 @@ from pytest_procsafe import _config
 from pytest_procsafe import _imports
 from pytest_procsafe import _leaks
 from pytest_procsafe import _methods
+from pytest_procsafe import _report
 from pytest_procsafe._channels import Channels
 from pytest_procsafe._workers import WorkerGroup
 from pytest_procsafe._wrappers import ProcsafeConnection
@@ -349,8 +351,20 @@ class _LeakSessionHooks:
     @pytest.hookimpl(trylast=True)  # after the session's fixtures are torn down
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.checks.session_end()
+        # An xdist worker hands its findings to the controller, which reports them all and
+        # sets the run's exit status (xdist sends workeroutput after this hook).
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if isinstance(workeroutput, dict):
+            workeroutput[_report.WORKER_KEY] = self.checks.worker_output()
         if self.checks.failed and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    @pytest.hookimpl(optionalhook=True)  # an xdist hook: only the controller calls it
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        workerinput = getattr(node, "workerinput", None) or {}
+        worker = str(workerinput.get("workerid", "?"))
+        output = (getattr(node, "workeroutput", None) or {}).get(_report.WORKER_KEY)
+        self.checks.add_worker_output(worker, output)
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         lines = self.checks.report.summary()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
 from multiprocessing.connection import Connection
@@ -13,8 +14,10 @@ from typing import Any
 import coverage
 import pytest
 
+from pytest_procsafe import _bootstrap
 from pytest_procsafe import _coverage
 from pytest_procsafe import _methods
+from pytest_procsafe._payload import Payload
 
 MEASURED = """\
 def child_only(n):
@@ -54,7 +57,11 @@ def test_plan_does_only_what_coverage_does_not(
     expected: str | None,
 ) -> None:
     config = SimpleNamespace(
-        concurrency=concurrency, patch=patch, sigterm=sigterm, serialize=lambda: "CFG"
+        concurrency=concurrency,
+        patch=patch,
+        sigterm=sigterm,
+        serialize=lambda: "CFG",
+        data_file=".coverage",
     )
     fake = SimpleNamespace(
         Coverage=SimpleNamespace(current=lambda: SimpleNamespace(config=config))
@@ -130,3 +137,66 @@ def test_worker_code_is_measured(tmp_path: Path, method: str) -> None:
 def test_a_terminated_worker_keeps_its_lines(tmp_path: Path, method: str) -> None:
     lines = _measure_child(tmp_path, method, hang=True)
     assert {2, 3, 4, 5} <= lines
+
+
+def test_the_data_file_stays_where_the_measurement_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if coverage.Coverage.current() is not None:
+        pytest.skip("this run is itself measured")
+    started, moved = tmp_path / "started", tmp_path / "moved"
+    started.mkdir()
+    moved.mkdir()
+    monkeypatch.chdir(started)
+    cov = coverage.Coverage(data_file=".coverage")
+    cov.start()
+    try:
+        monkeypatch.chdir(moved)  # a test that changes directory before starting a worker
+        plan = _coverage.plan("spawn")
+    finally:
+        cov.stop()
+    assert plan is not None
+    assert plan.data_file is not None
+    assert os.path.realpath(plan.data_file) == os.path.realpath(started / ".coverage")
+
+
+@pytest.mark.parametrize("method", _methods.available())
+def test_the_bootstrap_saves_the_data_before_it_sends_the_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, method: str
+) -> None:
+    if coverage.Coverage.current() is not None:
+        pytest.skip("this run is itself measured")
+    # A module of its own: spawn children find modules where the parent imported them.
+    name = f"measured_by_bootstrap_{method}"
+    (tmp_path / f"{name}.py").write_text(MEASURED)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawn children get the parent's sys.path
+    request.addfinalizer(lambda: sys.modules.pop(name, None))
+    measured = importlib.import_module(name)
+    data_file = tmp_path / "data" / ".coverage"
+    data_file.parent.mkdir()
+    cov = coverage.Coverage(data_file=str(data_file), source=[str(tmp_path)])
+    cov.start()
+    plan = _coverage.plan(method)
+    cov.stop()
+    ctx: Any = multiprocessing.get_context(method)
+    reader, writer = ctx.Pipe(duplex=False)
+    launch = _bootstrap.Launch(method, None, False, None, plan)
+    payload = Payload(measured.child_only, (3,))
+    proc = ctx.Process(target=_bootstrap.main, args=(payload, writer, launch))
+    proc.start()
+    writer.close()
+    try:
+        assert reader.poll(60), "the worker sent nothing"
+        outcome = pickle.loads(reader.recv_bytes())
+        # The outcome is here: the data must be too, whether or not the worker exited.
+        parts = [p for p in data_file.parent.iterdir() if p.name.startswith(".coverage.")]
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    assert outcome.kind == _bootstrap.VALUE
+    assert len(parts) == 1, parts
+    data = coverage.CoverageData(basename=str(parts[0]))
+    data.read()
+    assert {2, 3, 4, 5} <= set(data.lines(os.path.realpath(tmp_path / f"{name}.py")) or ())

@@ -148,3 +148,30 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
         report.write(path)
     assert os.listdir(tmp_path) == ["report.json"]
     assert path.is_dir()
+
+
+def test_worker_findings_travel_as_json_and_are_marked_with_the_worker() -> None:
+    records = [record(10, 1, owner="t.py::a"), record(11, 1, owner="session")]
+    # Through JSON: what a worker sends must survive any transport, any interpreter.
+    output = json.loads(json.dumps(_report.worker_output(records, True)))
+    got, failed = _report.from_worker("gw3", output)
+    assert failed is True
+    assert got == [{**records[0], "worker": "gw3"}, {**records[1], "worker": "gw3"}]
+    report = Report()
+    report.add(got)
+    assert report.summary() == [
+        "2 left behind (2 leaked)",
+        "t.py::a [gw3]",
+        "    leaked pid 10 (appeared in call, killed): sleep 10",
+        "session [gw3]",
+        "    leaked pid 11 (appeared in call, killed): sleep 11",
+    ]
+    assert report.as_json()["leaks"][0]["worker"] == "gw3"
+
+
+@pytest.mark.parametrize(
+    "output",
+    [None, {}, "junk", {"version": 99, "leaks": [{}], "failed": True}, {"version": 1}],
+)
+def test_a_worker_that_sent_nothing_usable_adds_nothing(output: object) -> None:
+    assert _report.from_worker("gw0", output) == ([], False)
