@@ -159,8 +159,16 @@ def _finisher(cov: Any) -> Callable[[], None]:
         if done:
             return
         done = True
-        cov.stop()
-        cov.save()
+        # A SIGTERM in the middle of writing would leave half a data file, which the
+        # combine step cannot read: it waits until the file is whole.
+        block = getattr(signal, "pthread_sigmask", None)  # absent on Windows
+        old = block(signal.SIG_BLOCK, {signal.SIGTERM}) if block is not None else None
+        try:
+            cov.stop()
+            cov.save()
+        finally:
+            if block is not None and old is not None and signal.SIGTERM not in old:
+                block(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
     return finish
 

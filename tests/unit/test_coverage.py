@@ -6,6 +6,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import SimpleNamespace
@@ -79,17 +80,31 @@ def test_no_plan_when_coverage_is_not_measuring() -> None:
     assert _coverage.plan("spawn") is None
 
 
-def _child(plan: _coverage.Plan, moddir: str, conn: Connection, hang: bool) -> None:
+def _child(plan: _coverage.Plan, moddir: str, conn: Connection, mode: str) -> None:
     sys.path.insert(0, moddir)
     finish = _coverage.start(plan)
     importlib.import_module("measured_mod").child_only(3)
-    if hang:
+    if mode == "hang":
         conn.send("ready")
         signal.pause()
+    if mode == "slow-save":
+        # The parent's SIGTERM arrives while the data is being written.
+        cov: Any = coverage.Coverage.current()
+        save = cov.save
+
+        def slow_save() -> None:
+            conn.send("ready")
+            deadline = time.monotonic() + 60
+            while signal.SIGTERM not in signal.sigpending() and time.monotonic() < deadline:
+                time.sleep(0.01)  # a handler that ran here would end the process unsaved
+            save()
+
+        cov.save = slow_save
     finish()
+    conn.send("finished")  # not when a SIGTERM came: it ends the process right after
 
 
-def _measure_child(tmp_path: Path, method: str, *, hang: bool) -> set[int]:
+def _measure_child(tmp_path: Path, method: str, mode: str) -> set[int]:
     if coverage.Coverage.current() is not None:
         pytest.skip("this run is itself measured")
     (tmp_path / "measured_mod.py").write_text(MEASURED)
@@ -103,10 +118,11 @@ def _measure_child(tmp_path: Path, method: str, *, hang: bool) -> set[int]:
     assert plan.action == "start"
     ctx: Any = multiprocessing.get_context(method)
     reader, writer = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(plan, str(tmp_path), writer, hang))
+    proc = ctx.Process(target=_child, args=(plan, str(tmp_path), writer, mode))
     proc.start()
+    writer.close()
     try:
-        if hang:
+        if mode != "finish":
             assert reader.poll(60)
             assert reader.recv() == "ready"
             proc.terminate()
@@ -115,7 +131,13 @@ def _measure_child(tmp_path: Path, method: str, *, hang: bool) -> set[int]:
         if proc.is_alive():
             proc.kill()
             proc.join()
-    assert proc.exitcode == (-signal.SIGTERM if hang else 0)
+    terminated = mode != "finish"
+    assert proc.exitcode == (-signal.SIGTERM if terminated else 0)
+    try:
+        last = reader.recv()
+    except EOFError:
+        last = None  # the child is gone without a word more
+    assert last == (None if terminated else "finished")
     parts = [p for p in data_file.parent.iterdir() if p.name.startswith(".coverage.")]
     assert parts, "the worker saved no coverage data"
     combined = coverage.CoverageData(basename=str(tmp_path / "combined"))
@@ -128,14 +150,20 @@ def _measure_child(tmp_path: Path, method: str, *, hang: bool) -> set[int]:
 
 @pytest.mark.parametrize("method", _methods.available())
 def test_worker_code_is_measured(tmp_path: Path, method: str) -> None:
-    lines = _measure_child(tmp_path, method, hang=False)
+    lines = _measure_child(tmp_path, method, "finish")
     assert {2, 3, 4, 5} <= lines  # child_only's body
     assert 9 not in lines  # never_called's body
 
 
 @pytest.mark.parametrize("method", _methods.available())
 def test_a_terminated_worker_keeps_its_lines(tmp_path: Path, method: str) -> None:
-    lines = _measure_child(tmp_path, method, hang=True)
+    lines = _measure_child(tmp_path, method, "hang")
+    assert {2, 3, 4, 5} <= lines
+
+
+@pytest.mark.parametrize("method", _methods.available())
+def test_a_sigterm_while_saving_waits_for_the_whole_file(tmp_path: Path, method: str) -> None:
+    lines = _measure_child(tmp_path, method, "slow-save")
     assert {2, 3, 4, 5} <= lines
 
 
