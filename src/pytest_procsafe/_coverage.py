@@ -123,7 +123,10 @@ def start(the_plan: Plan) -> Callable[[], None]:
     inherited = coverage.Coverage.current()
     if inherited is not None:
         # A fork child inherits the parent's running tracer; its data is the parent's
-        # and must not be saved from here.
+        # and must not be saved from here. (A spawn child may have one that
+        # COVERAGE_PROCESS_START started from a config file alone, without the options
+        # the run was given, e.g. pytest-cov's --cov: the parent's configuration wins,
+        # and only one of them saves.)
         inherited._auto_save = False
         inherited.stop()
     if the_plan.config is not None:
