@@ -104,18 +104,22 @@ def _child(plan: _coverage.Plan, moddir: str, conn: Connection, mode: str) -> No
     conn.send("finished")  # not when a SIGTERM came: it ends the process right after
 
 
-def _measure_child(tmp_path: Path, method: str, mode: str) -> set[int]:
+def _measure_child(tmp_path: Path, method: str, mode: str, *, legacy: bool = False) -> set[int]:
     if coverage.Coverage.current() is not None:
         pytest.skip("this run is itself measured")
     (tmp_path / "measured_mod.py").write_text(MEASURED)
     data_file = tmp_path / "data" / ".coverage"
     data_file.parent.mkdir()
     cov = coverage.Coverage(data_file=str(data_file), source=[str(tmp_path)])
+    if legacy:  # coverage before 7.10 cannot serialize its configuration
+        config: Any = cov.config
+        config.serialize = None
     cov.start()
     plan = _coverage.plan(method)
     cov.stop()
     assert plan is not None
     assert plan.action == "start"
+    assert (plan.config is None) is legacy
     ctx: Any = multiprocessing.get_context(method)
     reader, writer = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(plan, str(tmp_path), writer, mode))
@@ -153,6 +157,15 @@ def test_worker_code_is_measured(tmp_path: Path, method: str) -> None:
     lines = _measure_child(tmp_path, method, "finish")
     assert {2, 3, 4, 5} <= lines  # child_only's body
     assert 9 not in lines  # never_called's body
+
+
+@pytest.mark.parametrize("method", _methods.available())
+def test_without_a_serialized_configuration_the_options_are_passed_on(
+    tmp_path: Path, method: str
+) -> None:
+    lines = _measure_child(tmp_path, method, "finish", legacy=True)
+    assert {2, 3, 4, 5} <= lines
+    assert 9 not in lines
 
 
 @pytest.mark.parametrize("method", _methods.available())
