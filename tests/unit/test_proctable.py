@@ -53,7 +53,14 @@ def test_tree_holds_children_and_grandchildren(kids: Kids, table: ProcTable) -> 
     assert table.fast, "this kernel has /proc/<pid>/task/<tid>/children"
     before = table.tree()  # multiprocessing's forkserver, say, if a test started it
     shell = kids.popen("sh", "-c", "sleep 60 & sleep 61; :")
-    wait_until(lambda: len(table.tree()) == len(before) + 3, "three more processes")
+    # Both sleeps forked and exec'd: a fork of sh still carries sh's command line.
+    wait_until(
+        lambda: (
+            sorted(_proctable.cmdline(pid) for pid in _proctable.children(shell.pid))
+            == [("sleep", "60"), ("sleep", "61")]
+        ),
+        "both sleeps started",
+    )
     tree = table.tree()
     assert set(tree) - set(before) == {shell.pid, *_proctable.children(shell.pid)}
     assert tree[shell.pid] == ROOT
