@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
+from typing import Final
 
-from pytest_procsafe._channels import Channels
-from pytest_procsafe._timeouts import ChannelTimeout
 from pytest_procsafe._version import __version__
-from pytest_procsafe._workers import Worker
-from pytest_procsafe._workers import WorkerCrashed
-from pytest_procsafe._workers import WorkerError
-from pytest_procsafe._workers import WorkerGroup
-from pytest_procsafe._workers import WorkerTimeout
 
 if TYPE_CHECKING:
+    from pytest_procsafe._channels import Channels
     from pytest_procsafe._leaks import LeakedProcess
     from pytest_procsafe._leaks import ProcessLeakWarning
+    from pytest_procsafe._outcomes import Worker
+    from pytest_procsafe._outcomes import WorkerCrashed
+    from pytest_procsafe._outcomes import WorkerError
+    from pytest_procsafe._outcomes import WorkerTimeout
+    from pytest_procsafe._timeouts import ChannelTimeout
+    from pytest_procsafe._workers import WorkerGroup
 
 __all__ = [
     "ChannelTimeout",
@@ -30,12 +32,31 @@ __all__ = [
     "__version__",
 ]
 
+# Public name -> the private module defining it, imported on first access. Every spawn
+# and forkserver worker imports this package (its bootstrap lives here): importing the
+# parent side eagerly cost each worker about 100 ms, and the leak-check names would
+# import pytest (ProcessLeakWarning is a PytestWarning).
+_LAZY: Final = {
+    "ChannelTimeout": "_timeouts",
+    "Channels": "_channels",
+    "LeakedProcess": "_leaks",
+    "ProcessLeakWarning": "_leaks",
+    "Worker": "_outcomes",
+    "WorkerCrashed": "_outcomes",
+    "WorkerError": "_outcomes",
+    "WorkerGroup": "_workers",
+    "WorkerTimeout": "_outcomes",
+}
+
 
 def __getattr__(name: str) -> object:
-    # The leak-check names live with pytest (ProcessLeakWarning is a PytestWarning);
-    # worker processes import this package and must not pay for importing pytest.
-    if name in ("LeakedProcess", "ProcessLeakWarning"):
-        from pytest_procsafe import _leaks
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_procsafe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pytest_procsafe.{module}"), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
 
-        return getattr(_leaks, name)
-    raise AttributeError(f"module 'pytest_procsafe' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -9,8 +9,7 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Generator
 from collections.abc import Iterator
-from multiprocessing.context import BaseContext
-from multiprocessing.managers import SyncManager
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import Final
 from typing import final
@@ -22,10 +21,17 @@ from pytest_procsafe import _imports
 from pytest_procsafe import _leaks
 from pytest_procsafe import _methods
 from pytest_procsafe import _report
-from pytest_procsafe._channels import Channels
-from pytest_procsafe._workers import WorkerGroup
-from pytest_procsafe._wrappers import ProcsafeConnection
-from pytest_procsafe._wrappers import ProcsafeQueue
+
+if TYPE_CHECKING:
+    # Imported by the fixtures that need them: a run that starts no worker does not pay
+    # for importing the worker and channel machinery (benchmarks/README.md).
+    from multiprocessing.context import BaseContext
+    from multiprocessing.managers import SyncManager
+
+    from pytest_procsafe._channels import Channels
+    from pytest_procsafe._workers import WorkerGroup
+    from pytest_procsafe._wrappers import ProcsafeConnection
+    from pytest_procsafe._wrappers import ProcsafeQueue
 
 _METAVARS: Final = {
     "leaks": "MODE",
@@ -209,6 +215,8 @@ def mp_process(
     running has its stack shown, is terminated, then killed after the kill grace; a
     worker that hung, or raised or crashed unseen, errors the test.
     """
+    from pytest_procsafe._workers import WorkerGroup
+
     item = request.node
     assert isinstance(item, pytest.Item)
     settings = _config.item_settings(item)
@@ -240,6 +248,8 @@ def mp_channels(
     workers are joined, then everything is closed: queues with their feeder threads
     joined, pipes, and managers (terminated, then killed, if they do not stop).
     """
+    from pytest_procsafe._channels import Channels
+
     item = request.node
     assert isinstance(item, pytest.Item)
     settings = _config.item_settings(item)
