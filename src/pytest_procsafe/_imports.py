@@ -22,7 +22,6 @@ Runs inside workers: imports neither pytest nor the plugin.
 from __future__ import annotations
 
 import functools
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
@@ -132,8 +131,12 @@ def collect(modules: Mapping[str, ModuleType | None] | None = None) -> dict[str,
 
 
 @final
-class Finder(importlib.abc.MetaPathFinder):
-    """Resolves the parent's module names to the files the parent imported them from."""
+class Finder:
+    """Resolves the parent's module names to the files the parent imported them from.
+
+    A meta path finder needs only ``find_spec``: deriving from ``importlib.abc`` would
+    import ``importlib.resources`` (pathlib, tempfile, ...) into every spawn child.
+    """
 
     def __init__(self, entries: Mapping[str, Entry]) -> None:
         self.entries: dict[str, Entry] = dict(entries)
