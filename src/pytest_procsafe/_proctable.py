@@ -27,6 +27,10 @@ LINUX: Final = sys.platform.startswith("linux")
 _PR_SET_CHILD_SUBREAPER: Final = 36
 _PR_GET_CHILD_SUBREAPER: Final = 37
 
+#: At most this many descendants keep their procfs files open between scans (two fds
+#: each): beyond that, scans read by path, so procsafe never eats much of a test's fds.
+CACHED: Final = 64
+
 
 class Proc(NamedTuple):
     """One process as the table saw it; (pid, start) identifies it across pid reuse."""
@@ -44,10 +48,8 @@ class Proc(NamedTuple):
 def stat(pid: int) -> Proc | None:
     """The process *pid* now, or None when there is none."""
     if LINUX:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as file:
-                data = file.read()
-        except OSError:
+        data = _read(f"/proc/{pid}/stat")
+        if not data:
             return None
         # The command name may hold spaces and parentheses: split after the last ')'.
         fields = data[data.rindex(b")") + 2 :].split(b" ", 20)
@@ -126,6 +128,8 @@ class ProcTable:
         # pread regenerates it, which is what makes the clean case cost one syscall.
         self._fds: dict[int, int] = {}
         self._tasks = -1  # open fd of /proc/<root>/task: its link count counts threads
+        # The same for up to CACHED descendants: pid -> (task directory fd, children fd).
+        self._below: dict[int, tuple[int, int]] = {}
 
     def close(self) -> None:
         for fd in [*self._fds.values(), self._tasks]:
@@ -134,6 +138,13 @@ class ProcTable:
                     os.close(fd)
         self._fds.clear()
         self._tasks = -1
+        self._drop(list(self._below))
+
+    def _drop(self, pids: Collection[int]) -> None:
+        for pid in pids:
+            for fd in self._below.pop(pid, ()):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def quiet(self) -> bool:
         """True when the root has no child at all: one fstat and a one-byte pread."""
@@ -152,8 +163,6 @@ class ProcTable:
         if not self.fast:
             return self._tree_scan(prune)
         first = self._root_children()
-        if not first:
-            return {}
         found: dict[int, int] = {}
         todo = [(pid, self.root) for pid in first]
         while todo:
@@ -162,8 +171,42 @@ class ProcTable:
                 continue
             found[pid] = ppid
             if pid not in prune:
-                todo.extend((child, pid) for child in children(pid))
+                todo.extend((child, pid) for child in self._children_below(pid))
+        if len(self._below) > len(found) or any(pid not in found for pid in self._below):
+            self._drop([pid for pid in self._below if pid not in found])
         return found
+
+    def _children_below(self, pid: int) -> list[int]:
+        """Children of the descendant *pid*: a scan with 50 live children must stay under
+        a millisecond, so a single-threaded one costs an fstat and a pread of open files
+        (several times cheaper than walking procfs paths)."""
+        if self.root != os.getpid():
+            return children(pid)
+        fds = self._below.get(pid)
+        if fds is None:
+            if len(self._below) >= CACHED:
+                return children(pid)
+            try:
+                task = os.open(f"/proc/{pid}/task", os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                return []
+            try:
+                fds = (task, os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY))
+            except OSError:
+                os.close(task)
+                return []
+            self._below[pid] = fds
+        try:
+            # 2 + the number of tasks; 2 once the process is reaped, when its pid may
+            # already name another process: then (or when threaded) read by path.
+            if os.fstat(fds[0]).st_nlink == 3:
+                data = os.pread(fds[1], 65536, 0)
+                if len(data) < 65536:
+                    return [int(child) for child in data.split()]
+        except OSError:
+            pass
+        self._drop([pid])
+        return children(pid)
 
     def _root_children(self) -> list[int]:
         if self.root != os.getpid():  # a forked child running this code: no fd sharing
@@ -247,16 +290,36 @@ def children(pid: int) -> list[int]:
     """Children of *pid* from every one of its tasks (Linux); [] when it is gone."""
     out: list[int] = []
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        # The task directory's link count is 2 + the number of tasks: a single-threaded
+        # process needs no listing (this runs for every descendant in every scan).
+        tasks = os.stat(f"/proc/{pid}/task").st_nlink - 2
+        tids: Collection[int | str] = (pid,) if tasks == 1 else os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as file:
-                out.extend(int(child) for child in file.read().split())
-        except OSError:
-            continue
+        out.extend(int(child) for child in _read(f"/proc/{pid}/task/{tid}/children").split())
     return out
+
+
+def _read(path: str) -> bytes:
+    """The whole of a small procfs file, b"" when it cannot be read: os-level calls only,
+    three syscalls where a Python file object makes about seven."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return b""
+    try:
+        data = os.read(fd, 65536)
+        if len(data) == 65536:  # more than one read holds (a long children list)
+            chunks = [data]
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        return data
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def _walk(parents: dict[int, list[int]], root: int, prune: Collection[int]) -> dict[int, int]:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from leakkit import ROOT
@@ -104,6 +105,47 @@ def test_children_of_a_running_thread_are_seen(kids: Kids, table: ProcTable) -> 
     # Right after the join the OS thread may still exist, holding the child: either way
     # the child is seen, under the lingering thread or under the main one.
     assert popens[0].pid in table.tree()
+
+
+def test_a_known_descendant_that_starts_threads_is_read_task_by_task(
+    kids: Kids, table: ProcTable, tmp_path: Path
+) -> None:
+    gate = tmp_path / "go"
+    # A single-threaded child first (read through its cached files), which then starts a
+    # grandchild from a second thread: that grandchild is listed under the thread's task.
+    script = (
+        "import os, subprocess, threading, time\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.005)\n"
+        "def run():\n"
+        "    subprocess.Popen(['sleep', '60'])\n"
+        "    time.sleep(60)\n"
+        "threading.Thread(target=run).start()\n"
+    )
+    child = kids.popen(sys.executable, "-c", script)
+    wait_until(lambda: child.pid in table.tree(), "the child seen")
+    gate.touch()
+    wait_until(
+        lambda: child.pid in table.tree().values(), "the grandchild of the child's thread seen"
+    )
+
+
+def test_descendants_files_stay_open_within_the_cap_and_close_when_they_end(
+    kids: Kids, table: ProcTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    monkeypatch.setattr(_proctable, "CACHED", 2)
+    table.tree()
+    baseline = open_fds()
+    sleepers = [kids.popen("sleep", "60") for _ in range(4)]
+    tree = table.tree()
+    assert {s.pid for s in sleepers} <= set(tree)
+    assert open_fds() == baseline + 2 * 2  # two descendants cached, two read by path
+    assert table.tree() == tree  # the cached and the uncached read the same
+    kids.close()
+    wait_until(lambda: not set(table.tree()) & {s.pid for s in sleepers}, "the sleepers gone")
+    assert open_fds() == baseline
 
 
 def test_stat_tells_zombies_and_start_times(kids: Kids) -> None:
