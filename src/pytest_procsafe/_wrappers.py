@@ -13,7 +13,9 @@ Imported inside workers too (when a channel is unpickled there): no pytest, no p
 
 from __future__ import annotations
 
+import math
 import multiprocessing.queues
+import select
 import time
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
@@ -21,6 +23,7 @@ from queue import Empty
 from queue import Full
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import Final
 from typing import Literal
 from typing import TypeAlias
 from typing import final
@@ -46,6 +49,22 @@ else:
     _QueueBase = multiprocessing.queues.Queue
     _JoinableBase = multiprocessing.queues.JoinableQueue
 
+# select.poll where it exists (not on Windows): readiness in one syscall.
+# ``Connection.poll`` builds a selector on every call, which made each read of a channel
+# three times as slow as a plain ``recv()``/``get()`` (benchmarks/README.md).
+_POLL: Final = getattr(select, "poll", None)
+
+
+def _poller(conn: Connection[Any, Any]) -> Any:
+    poller = _POLL()  # type: ignore[misc]  # only called when _POLL exists
+    poller.register(conn.fileno(), select.POLLIN)
+    return poller
+
+
+def _ready(poller: Any, timeout: float | None) -> bool:
+    """``Connection.poll`` semantics (end of file and errors count as ready)."""
+    return bool(poller.poll(None if timeout is None else math.ceil(max(timeout, 0) * 1000)))
+
 
 @final
 class ProcsafeConnection:
@@ -62,6 +81,7 @@ class ProcsafeConnection:
         self._watch = watch
         self._sent = False
         self._skipper = Skipper()
+        self._poller: Any = None
 
     def __reduce__(self) -> tuple[Callable[..., ProcsafeConnection], tuple[Any, ...]]:
         # Through the inner Connection, so multiprocessing's reducers (fd passing) apply.
@@ -145,6 +165,8 @@ class ProcsafeConnection:
         if timeout is None:
             return  # explicitly unbounded: the plain blocking read
         limit = timeout if timeout is DEFAULT else check_timeout("timeout", timeout)
+        if self._readable_now():
+            return  # the common case in a busy channel: no wait, so no watch to set up
 
         def attempt(step: float) -> Literal[Token.MISS] | None:
             return None if self._conn.poll(step) else MISS
@@ -156,6 +178,14 @@ class ProcsafeConnection:
             stuck=lambda: not self._conn.poll(0),
             stuck_reason="nothing is pending",
         )
+
+    def _readable_now(self) -> bool:
+        conn = self._conn
+        if _POLL is None or conn.closed:
+            return False  # the waiting path raises what a closed connection raises
+        if self._poller is None:
+            self._poller = _poller(conn)
+        return bool(self._poller.poll(0))
 
 
 def _rebuild_connection(
@@ -175,6 +205,7 @@ class ProcsafeQueue(_QueueBase):
         _rlock: Any
         _sem: Any
         _thread: threading.Thread | None
+        _poll: Callable[..., bool]
 
     def __init__(self, maxsize: int = 0, *, ctx: BaseContext, label: str, watch: Watch) -> None:
         super().__init__(maxsize, ctx=ctx)
@@ -198,6 +229,21 @@ class ProcsafeQueue(_QueueBase):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._procsafe_label!r}>"
 
+    def _reset(self, after_fork: bool = False) -> None:
+        # multiprocessing calls this from __init__, __setstate__ and after a fork.
+        super()._reset(after_fork)  # type: ignore[misc]  # private, not in the stubs
+        self._procsafe_poller: Any = None
+        self._poll = self._procsafe_poll
+
+    def _procsafe_poll(self, timeout: float | None = 0.0) -> bool:
+        """What ``Queue`` polls its reader with (``get`` with a timeout, ``empty``)."""
+        reader = self._reader
+        if _POLL is None or reader.closed:
+            return reader.poll(timeout)
+        if self._procsafe_poller is None:
+            self._procsafe_poller = _poller(reader)
+        return _ready(self._procsafe_poller, timeout)
+
     @property
     def label(self) -> str:
         return self._procsafe_label
@@ -209,6 +255,10 @@ class ProcsafeQueue(_QueueBase):
         if not block:
             return super().get(False)
         get = super().get
+        try:
+            return get(False)  # an item is waiting: no watch to set up
+        except Empty:
+            pass
 
         def attempt(step: float) -> Any:
             try:
@@ -232,6 +282,10 @@ class ProcsafeQueue(_QueueBase):
         if not block:
             return super().put(obj, False)
         put = super().put
+        try:
+            return put(obj, False)  # there is room: no watch to set up
+        except Full:
+            pass
 
         def attempt(step: float) -> Literal[Token.MISS] | None:
             try:
