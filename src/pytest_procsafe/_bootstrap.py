@@ -34,7 +34,6 @@ import os
 import pickle
 import signal
 import sys
-import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import IO
@@ -127,6 +126,8 @@ def value_outcome(name: str, value: object) -> Outcome:
 
 def error_outcome(exc: BaseException) -> Outcome:
     """An exception with its traceback; the exception itself only if it survives pickling."""
+    import traceback  # only failures need it: a worker starts without it
+
     text = _format(exc)
     summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     blob: bytes | None
@@ -154,6 +155,8 @@ def exit_outcome(exc: SystemExit) -> Outcome:
 
 
 def _load_failure(name: str, start_method: str, exc: BaseException) -> Outcome:
+    import traceback
+
     text = _format(exc)
     summary = (
         f"could not load the target {name!r} in the {start_method} child: "
@@ -163,6 +166,8 @@ def _load_failure(name: str, start_method: str, exc: BaseException) -> Outcome:
 
 
 def _format(exc: BaseException) -> str:
+    import traceback
+
     tb = exc.__traceback__
     if tb is not None and tb.tb_frame.f_code is main.__code__:
         tb = tb.tb_next  # the user's code starts below the bootstrap's own frame

@@ -18,9 +18,12 @@ Runs inside workers: imports neither pytest nor the plugin.
 
 from __future__ import annotations
 
+import copyreg
+import functools
 import io
 import marshal
 import pickle
+import sys
 import types
 from collections import ChainMap
 from collections.abc import Callable
@@ -34,8 +37,6 @@ from typing import ClassVar
 from typing import Final
 from typing import NoReturn
 from typing import final
-
-import cloudpickle
 
 
 @final
@@ -70,32 +71,67 @@ _CONNECTIONS: Final = dict.fromkeys(
 )
 
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships no types
-    """cloudpickle keeping code objects' file names, for values and exceptions."""
-
-    dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
-        _CODE, _CONNECTIONS, cloudpickle.Pickler.dispatch_table
-    )
+_PLAIN: Final[ChainMap[Any, Any]] = ChainMap(_CODE, _CONNECTIONS, copyreg.dispatch_table)
 
 
-class _SpawnPickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """Adds multiprocessing's reducers: only valid while a child is being launched."""
+class _PlainPickler(pickle.Pickler):
+    """The standard pickler with the same code and connection rules as ours."""
 
-    # multiprocessing's extra reducers fill in what only it knows how to send (Connection,
-    # socket) but never override cloudpickle's. The ChainMap reads the live dict, so
-    # reducers registered later with ForkingPickler.register count too.
-    dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
-        _CODE,
-        cloudpickle.Pickler.dispatch_table,
-        reduction.ForkingPickler._extra_reducers,  # type: ignore[attr-defined]  # not in stubs
-    )
+    dispatch_table = _PLAIN
+
+
+@functools.cache
+def _picklers() -> tuple[type[pickle.Pickler], type[pickle.Pickler]]:
+    """cloudpickle's picklers for values and for launches, built on first use.
+
+    Importing cloudpickle costs a worker 10-25 ms (dataclasses, inspect, logging,
+    platform); a worker whose target came by reference and returns plain data never
+    needs it.
+    """
+    import cloudpickle
+
+    class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships no types
+        """cloudpickle keeping code objects' file names, for values and exceptions."""
+
+        dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
+            _CODE, _CONNECTIONS, cloudpickle.Pickler.dispatch_table
+        )
+
+    class _SpawnPickler(cloudpickle.Pickler):  # type: ignore[misc]
+        """Adds multiprocessing's reducers: only valid while a child is being launched."""
+
+        # multiprocessing's extra reducers fill in what only it knows how to send
+        # (Connection, socket) but never override cloudpickle's. The ChainMap reads the
+        # live dict, so reducers registered later with ForkingPickler.register count too.
+        dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
+            _CODE,
+            cloudpickle.Pickler.dispatch_table,
+            reduction.ForkingPickler._extra_reducers,  # type: ignore[attr-defined]  # not in stubs
+        )
+
+    return _Pickler, _SpawnPickler
 
 
 def dumps(obj: object, *, spawning: bool = False) -> bytes:
-    """Pickle *obj* with cloudpickle; *spawning* adds multiprocessing's own reducers."""
+    """Pickle *obj* with cloudpickle; *spawning* adds multiprocessing's own reducers.
+
+    Where cloudpickle is not imported yet (a worker whose target came by reference), a
+    value the standard pickler handles as cloudpickle would (nothing by value, nothing
+    from ``__main__``, which cloudpickle sends by value) is pickled without it.
+    """
     buffer = io.BytesIO()
-    pickler = _SpawnPickler if spawning else _Pickler
-    pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    if not spawning and "cloudpickle" not in sys.modules:
+        try:
+            _PlainPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        except Exception:
+            buffer = io.BytesIO()  # local functions, lambdas, ...: cloudpickle's job
+        else:
+            data = buffer.getvalue()
+            if b"__main__" not in data:
+                return data
+            buffer = io.BytesIO()
+    values, launches = _picklers()
+    (launches if spawning else values)(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buffer.getvalue()
 
 

@@ -117,6 +117,24 @@ def test_closures_and_lambdas_are_targets(group: WorkerGroup, mp_context: BaseCo
         queue.join_thread()
 
 
+@pytest.mark.procsafe(start_methods="spawn forkserver")  # a fork inherits every module
+def test_a_worker_imports_only_what_it_needs(group: WorkerGroup) -> None:
+    # Each import here would cost every spawn/forkserver worker 10-100 ms: pytest, the
+    # parent side of procsafe, and cloudpickle while nothing travels by value.
+    heavy = (
+        "pytest",
+        "_pytest",
+        "pytest_procsafe.plugin",
+        "pytest_procsafe._channels",
+        "pytest_procsafe._workers",
+        "pytest_procsafe._leaks",
+        "cloudpickle",
+    )
+    assert group(worker_targets.imported, *heavy).result() == []
+    # A value only cloudpickle can send still comes back.
+    assert group(worker_targets.make_adder, 2).result()(3) == 5
+
+
 def test_a_big_result_does_not_deadlock_join(group: WorkerGroup) -> None:
     worker = group(big_result, 16 * 1024 * 1024)  # far beyond any pipe buffer
     worker.join()  # the child can only exit once the parent read its result

@@ -10,8 +10,10 @@ import ctypes
 import faulthandler
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 WAIT = 60.0  # generous: only a broken worker ever blocks this long
@@ -19,6 +21,15 @@ WAIT = 60.0  # generous: only a broken worker ever blocks this long
 
 def square(x: int) -> int:
     return x * x
+
+
+def imported(*names: str) -> list[str]:
+    """Which of the modules *names* this worker has imported."""
+    return [name for name in names if name in sys.modules]
+
+
+def make_adder(n: int) -> Callable[[int], int]:
+    return lambda x: x + n
 
 
 def answer() -> int:
