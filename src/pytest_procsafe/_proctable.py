@@ -27,6 +27,11 @@ LINUX: Final = sys.platform.startswith("linux")
 _PR_SET_CHILD_SUBREAPER: Final = 36
 _PR_GET_CHILD_SUBREAPER: Final = 37
 
+# waitid with WNOWAIT, to tell "no child at all" with one light syscall (Linux, macOS).
+_WAITID: Final = all(
+    hasattr(os, name) for name in ("waitid", "P_ALL", "WEXITED", "WNOHANG", "WNOWAIT")
+)
+
 #: At most this many descendants keep their procfs files open between scans (two fds
 #: each): beyond that, scans read by path, so procsafe never eats much of a test's fds.
 CACHED: Final = 64
@@ -147,14 +152,21 @@ class ProcTable:
                     os.close(fd)
 
     def quiet(self) -> bool:
-        """True when the root has no child at all: one fstat and a one-byte pread."""
-        fd = self._fds.get(self.root)
-        if fd is None or self._tasks < 0 or self.root != os.getpid():
+        """True when the root has no child at all: one ``waitid`` syscall.
+
+        ``WNOWAIT`` only peeks (nothing is reaped, no exit status is taken from anyone);
+        ``ECHILD`` means no thread of this process has a child, living or zombie, so
+        there are no descendants either (orphans are re-parented to us as children).
+        """
+        if not _WAITID or self.root != os.getpid():
             return False
         try:
-            return os.fstat(self._tasks).st_nlink <= 3 and not os.pread(fd, 1, 0)
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
         except OSError:
             return False
+        return False
 
     def tree(self, prune: Collection[int] = ()) -> dict[int, int]:
         """``{pid: ppid}`` for every descendant; the subtrees under *prune* are not walked."""

@@ -107,6 +107,36 @@ def test_children_of_a_running_thread_are_seen(kids: Kids, table: ProcTable) -> 
     assert popens[0].pid in table.tree()
 
 
+def _quiet_only_without_children() -> None:
+    """Runs in a fresh fork, which starts with no child at all."""
+    table = ProcTable()
+    assert table.quiet()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    assert not table.quiet()  # running, then a zombie: a child either way
+    wait_until(lambda: proc(pid).zombie, "a zombie")
+    assert not table.quiet()
+    assert proc(pid).zombie, "quiet() only peeks: the zombie is not reaped"
+    os.waitpid(pid, 0)
+    assert table.quiet()
+    # A child started by another thread counts too.
+    popens: list[subprocess.Popen[bytes]] = []
+    thread = threading.Thread(target=lambda: popens.append(subprocess.Popen(["sleep", "60"])))
+    thread.start()
+    thread.join()
+    assert not table.quiet()
+    popens[0].kill()
+    popens[0].wait()
+    assert table.quiet()
+
+
+def test_quiet_means_no_child_at_all(kids: Kids) -> None:
+    pid = kids.fork(_quiet_only_without_children)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_a_known_descendant_that_starts_threads_is_read_task_by_task(
     kids: Kids, table: ProcTable, tmp_path: Path
 ) -> None:
