@@ -1,0 +1,62 @@
+"""The benchmark runner works: ``benchmarks/run.py --quick`` produces every case.
+
+Only a smoke test: the quick sizes are far too small for the numbers to mean anything,
+so no target is checked here (benchmarks/README.md has the recorded results).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+
+pytestmark = pytest.mark.skipif(
+    sys.platform == "win32", reason="the runner measures with os.wait4 (POSIX)"
+)
+
+
+def test_the_quick_run_measures_every_case(tmp_path: Path) -> None:
+    output = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), "--quick", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,  # generous: about 15 s on an idle 2-core machine
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(output.read_text())
+    assert data["quick"] is True
+    assert {"date", "cpus", "cpu_model", "python", "pytest"} <= set(data["machine"])
+    cases = [result["case"] for result in data["results"]]
+    expected = [
+        r"\d+ trivial tests, leaks=warn",
+        r"\d+ trivial tests, leaks=fail",
+        r"peak memory, \d+ tests",
+        r"\d+ tests under -n 2",
+        r"leak scan, 50 live children",
+        r"hung worker, .*",
+    ]
+    for method in multiprocessing.get_all_start_methods():
+        expected += [
+            f"worker round trip, {method}",
+            rf"\d+ items through mp_queue, {method}",
+            rf"\d+ items through mp_pipe, {method}",
+        ]
+    for pattern in expected:
+        found = [case for case in cases if re.fullmatch(pattern, case)]
+        assert len(found) == 1, f"no single {pattern!r} in {cases}"
+    for result in data["results"]:
+        assert isinstance(result["value"], (int, float)), result
+        assert result["value"] > 0, result
+        assert isinstance(result["met"], bool), result
+    # The table is printed too, one row per case.
+    for case in cases:
+        assert case in done.stdout
