@@ -456,10 +456,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only", action="append", choices=sorted(CASES), help="Run only this case (repeatable)"
     )
     parser.add_argument(
+        "--repeats", type=int, help="Runs of each variant per comparison (default: 5, quick: 1)"
+    )
+    parser.add_argument(
         "--output", type=Path, default=HERE / "results.json", help="Where to write the JSON"
     )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    if args.repeats is not None:
+        if args.repeats < 1:
+            parser.error(f"--repeats must be at least 1, got {args.repeats}")
+        sizes = dataclasses.replace(sizes, repeats=args.repeats)
     results: list[Result] = []
     host = machine()  # the load average before the run
     started = time.perf_counter()

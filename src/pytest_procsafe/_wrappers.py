@@ -136,17 +136,20 @@ class ProcsafeConnection:
 
     def recv(self, *, timeout: Timeout = DEFAULT) -> Any:
         __tracebackhide__ = True
-        self._await("recv()", timeout)
+        if timeout is not DEFAULT or not self._poll(0.0):  # data waiting: no watch to set up
+            self._await("recv()", timeout)
         return self._conn.recv()
 
     def recv_bytes(self, maxlength: int | None = None, *, timeout: Timeout = DEFAULT) -> bytes:
         __tracebackhide__ = True
-        self._await("recv_bytes()", timeout)
+        if timeout is not DEFAULT or not self._poll(0.0):  # data waiting: no watch to set up
+            self._await("recv_bytes()", timeout)
         return self._conn.recv_bytes(maxlength)
 
     def recv_bytes_into(self, buf: Any, offset: int = 0, *, timeout: Timeout = DEFAULT) -> int:
         __tracebackhide__ = True
-        self._await("recv_bytes_into()", timeout)
+        if timeout is not DEFAULT or not self._poll(0.0):  # data waiting: no watch to set up
+            self._await("recv_bytes_into()", timeout)
         return self._conn.recv_bytes_into(buf, offset)
 
     def __enter__(self) -> ProcsafeConnection:
@@ -165,27 +168,27 @@ class ProcsafeConnection:
         if timeout is None:
             return  # explicitly unbounded: the plain blocking read
         limit = timeout if timeout is DEFAULT else check_timeout("timeout", timeout)
-        if self._readable_now():
-            return  # the common case in a busy channel: no wait, so no watch to set up
 
         def attempt(step: float) -> Literal[Token.MISS] | None:
-            return None if self._conn.poll(step) else MISS
+            return None if self._poll(step) else MISS
 
         self._watch.wait(
             f"{call} on {self._label}",
             attempt,
             limit,
-            stuck=lambda: not self._conn.poll(0),
+            stuck=lambda: not self._poll(0.0),
             stuck_reason="nothing is pending",
         )
 
-    def _readable_now(self) -> bool:
+    def _poll(self, timeout: float) -> bool:
+        """``Connection.poll(timeout)`` in one syscall where select.poll exists."""
         conn = self._conn
         if _POLL is None or conn.closed:
-            return False  # the waiting path raises what a closed connection raises
-        if self._poller is None:
-            self._poller = _poller(conn)
-        return bool(self._poller.poll(0))
+            return conn.poll(timeout)  # and what a closed connection raises
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = _poller(conn)
+        return _ready(poller, timeout)
 
 
 def _rebuild_connection(
