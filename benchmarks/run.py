@@ -271,7 +271,8 @@ def bench_workers(sizes: Sizes, work: Path) -> list[Result]:
         PROCSAFE_BENCH_OUT=str(out),
         PROCSAFE_BENCH_ROUND_TRIPS=str(sizes.round_trips),
         PROCSAFE_BENCH_ITEMS=str(sizes.items),
-        PROCSAFE_BENCH_REPEATS=str(sizes.repeats),
+        # A channel run takes a fraction of a second: more of them, for a steadier median.
+        PROCSAFE_BENCH_REPEATS=str(sizes.repeats * 2 - 1),
     )
     data: dict[str, dict[str, Any]] = json.loads(out.read_text())
     results = []
