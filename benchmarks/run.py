@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -30,27 +28,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from collections.abc import Iterator
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-SUITES = HERE / "suites"
-SRC = HERE.parent / "src"
+from measure import HERE
+from measure import SRC
+from measure import SUITES
+from measure import Pair
+from measure import Result
+from measure import at_most
+from measure import compare
+from measure import log
+from measure import machine
+from measure import pytest_cmd
+from measure import run
+from measure import table
+from measure import write_trivial_suite
+
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))  # the scan case imports the checkout's procsafe
-
-
-@dataclasses.dataclass(frozen=True)
-class Result:
-    case: str
-    value: float
-    unit: str
-    target: str
-    met: bool
-    detail: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,106 +88,6 @@ QUICK = Sizes(
     hung_grace=0.2,
     hung_targets="hang_ignoring_sigterm",
 )
-
-
-# --- running pytest ---------------------------------------------------------------------
-
-
-def env(**extra: str) -> dict[str, str]:
-    """The suites' environment: this checkout's procsafe first, no plugin autoloading."""
-    out = dict(os.environ)
-    paths = [str(SUITES), str(SRC), out.get("PYTHONPATH", "")]
-    out["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
-    out["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    # Measure what an installed package costs: with bytecode caches. Without them every
-    # run (and every spawn child) compiles procsafe from source, which users never pay.
-    out.pop("PYTHONDONTWRITEBYTECODE", None)
-    out.update(extra)
-    return out
-
-
-def pytest_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    """One run: wall time (s), CPU time (user + system, s) and peak RSS (KiB)."""
-
-    wall: float
-    cpu: float
-    rss: float
-
-
-def run(cmd: Sequence[str], cwd: Path, *, ok: Sequence[int] = (0,), **extra: str) -> Usage:
-    """Run *cmd* and measure it (its own rusage, children it waited for included)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        cmd, cwd=cwd, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    assert process.stdout is not None
-    output = process.stdout.read()
-    # wait4 on this very pid: its rusage is this run's alone.
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode not in ok:
-        tail = output.decode(errors="replace")[-3000:]
-        raise RuntimeError(f"{' '.join(cmd)} exited with {process.returncode} in {cwd}:\n{tail}")
-    return Usage(wall, usage.ru_utime + usage.ru_stime, float(usage.ru_maxrss))
-
-
-def abba(count: int) -> Iterator[tuple[str, str]]:
-    """base, variant, variant, base, ...: neither side always runs first."""
-    for i in range(count):
-        yield ("base", "variant") if i % 2 == 0 else ("variant", "base")
-
-
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    """Medians of a base and a variant run side by side: wall time and CPU time (s), peak
-    RSS (KiB)."""
-
-    base: Usage
-    variant: Usage
-    samples: dict[str, list[float]]
-
-
-def compare(base: Sequence[str], variant: Sequence[str], cwd: Path, repeats: int) -> Pair:
-    commands = {"base": base, "variant": variant}
-    if repeats > 1:  # --quick only smoke-tests the runner: its numbers are not results
-        for cmd in commands.values():
-            run(cmd, cwd)  # warm the page cache and the bytecode caches
-    runs: dict[str, list[Usage]] = {"base": [], "variant": []}
-    for order in abba(repeats):
-        for key in order:
-            runs[key].append(run(commands[key], cwd))
-
-    def median(key: str) -> Usage:
-        return Usage(
-            *(
-                statistics.median(getattr(u, field) for u in runs[key])
-                for field in ("wall", "cpu", "rss")
-            )
-        )
-
-    samples = {key: [round(u.wall, 3) for u in values] for key, values in runs.items()}
-    return Pair(median("base"), median("variant"), samples)
-
-
-def at_most(case: str, base: float, variant: float, limit: float, detail: str) -> Result:
-    ratio = variant / base
-    return Result(case, round(ratio, 3), "x", f"<= {limit}x", ratio <= limit, detail)
-
-
-def write_trivial_suite(root: Path, count: int) -> None:
-    per_file = 500
-    for first in range(0, count, per_file):
-        body = "".join(
-            f"def test_{i}():\n    pass\n\n\n" for i in range(first, min(count, first + per_file))
-        )
-        (root / f"test_trivial_{first // per_file}.py").write_text(body)
-    (root / "pytest.ini").write_text("[pytest]\n")
 
 
 # --- the cases ----------------------------------------------------------------------------
@@ -397,57 +294,6 @@ CASES: dict[str, Callable[[Sizes, Path], list[Result]]] = {
     "scan": bench_scan,
     "hung": bench_hung,
 }
-
-
-# --- reporting ----------------------------------------------------------------------------
-
-
-def log(name: str, samples: dict[str, Any]) -> None:
-    print(f"  {name}: {samples}", file=sys.stderr, flush=True)
-
-
-def machine() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "pytest": version("pytest"),
-        "pytest-xdist": version("pytest-xdist"),
-        "pytest-procsafe": (SRC / "pytest_procsafe" / "_version.py").read_text().split('"')[1],
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def table(results: Sequence[Result]) -> str:
-    rows = [("case", "value", "target", "met", "detail")]
-    rows += [
-        (r.case, f"{r.value:g}{r.unit}", r.target, "yes" if r.met else "NO", r.detail)
-        for r in results
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True))
-        + "  "
-        + row[4]
-        for row in rows
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
