@@ -169,7 +169,7 @@ def bench_workers(sizes: Sizes, work: Path) -> list[Result]:
         PROCSAFE_BENCH_ROUND_TRIPS=str(sizes.round_trips),
         PROCSAFE_BENCH_ITEMS=str(sizes.items),
         # A channel run takes a fraction of a second: more of them, for a steadier median.
-        PROCSAFE_BENCH_REPEATS=str(sizes.repeats * 2 - 1),
+        PROCSAFE_BENCH_REPEATS=str(sizes.repeats * 3),
     )
     data: dict[str, dict[str, Any]] = json.loads(out.read_text())
     results = []
