@@ -255,7 +255,9 @@ def test_reap_leaves_multiprocessing_and_subprocess_their_statuses(kids: Kids) -
 
 
 def test_stop_takes_children_before_parents_and_kills_after_the_grace(kids: Kids) -> None:
-    shell = kids.popen("sh", "-c", "trap '' TERM; sleep 60 & sleep 61 & wait")
+    # Once its children are killed the shell must not exit by itself before its own
+    # SIGKILL: it becomes a sleep (same pid and start time, SIGTERM still ignored).
+    shell = kids.popen("sh", "-c", "trap '' TERM; sleep 60 & sleep 61 & wait; exec sleep 62")
     wait_until(lambda: len(_proctable.children(shell.pid)) == 2, "both sleeps started")
     tree = [proc(shell.pid), *map(proc, _proctable.children(shell.pid))]
     assert _reaper.depth_order(tree)[-1].pid == shell.pid
