@@ -1,11 +1,12 @@
 """Channels bound to one test: the ``mp_channels`` factory and what it cleans up.
 
-`Channels` makes pipes, queues and managers from the test's context and keeps a registry
-of everything it made (shared state joins it later), so teardown can follow DESIGN.md's
-order: `Channels.drain` while the workers are joined (a worker blocked writing, or
-flushing its queue at exit, can then finish), then `Channels.close` once they are gone:
-queues closed with the test's feeder threads joined, pipes closed, managers shut down
-(terminated, then killed, when they do not stop).
+`Channels` makes pipes, queues, managers and shared state (locks, events, barriers,
+values, shared memory: `_shared`) from the test's context and keeps a registry of what
+needs cleaning up, so teardown can follow DESIGN.md's order: `Channels.drain` while the
+workers are joined (a worker blocked writing, or flushing its queue at exit, can then
+finish), then `Channels.close` once they are gone: queues closed with the test's feeder
+threads joined, pipes closed, managers shut down (terminated, then killed, when they do
+not stop), shared memory closed and unlinked.
 
 The objects themselves live in `_wrappers`, their waiting in `_timeouts`. Imports neither
 pytest nor the plugin, and starts no thread.
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
+from multiprocessing.shared_memory import SharedMemory
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import Protocol
@@ -29,6 +31,14 @@ from typing import cast
 from typing import final
 
 from pytest_procsafe._outcomes import check_timeout
+from pytest_procsafe._shared import ProcsafeBarrier
+from pytest_procsafe._shared import ProcsafeCondition
+from pytest_procsafe._shared import ProcsafeEvent
+from pytest_procsafe._shared import ProcsafeLock
+from pytest_procsafe._shared import ProcsafeRLock
+from pytest_procsafe._shared import ProcsafeSemaphore
+from pytest_procsafe._shared import SharedMemoryResource
+from pytest_procsafe._shared import check_typecode
 from pytest_procsafe._timeouts import Watch
 from pytest_procsafe._timeouts import seconds
 from pytest_procsafe._wrappers import ProcsafeConnection
@@ -285,6 +295,64 @@ class Channels:
         _MANAGER_PIDS.add(pid)
         self.adopt(_ManagerResource(manager, label, self._watch.timeout, self._kill_grace))
         return manager
+
+    # --- shared state (`_shared`): made from the context, bounded waits -----------------
+
+    def lock(self, *, name: str | None = None) -> ProcsafeLock:
+        """A Lock; ``acquire()`` and ``with`` default to the procsafe timeout."""
+        return ProcsafeLock(**self._made_here("lock", name))
+
+    def rlock(self, *, name: str | None = None) -> ProcsafeRLock:
+        """An RLock; ``acquire()`` and ``with`` default to the procsafe timeout."""
+        return ProcsafeRLock(**self._made_here("rlock", name))
+
+    def semaphore(self, value: int = 1, *, name: str | None = None) -> ProcsafeSemaphore:
+        """A Semaphore; ``acquire()`` and ``with`` default to the procsafe timeout."""
+        return ProcsafeSemaphore(value, **self._made_here("semaphore", name))
+
+    def event(self, *, name: str | None = None) -> ProcsafeEvent:
+        """An Event; ``wait()`` defaults to the procsafe timeout."""
+        return ProcsafeEvent(**self._made_here("event", name))
+
+    def condition(self, lock: Any = None, *, name: str | None = None) -> ProcsafeCondition:
+        """A Condition (over a bounded RLock unless *lock* is given); ``wait()`` and
+        ``wait_for()`` default to the procsafe timeout."""
+        return ProcsafeCondition(lock, **self._made_here("condition", name))
+
+    def barrier(
+        self, parties: int, action: Callable[[], object] | None = None, *, name: str | None = None
+    ) -> ProcsafeBarrier:
+        """A Barrier for *parties*; ``wait()`` defaults to the procsafe timeout and, when it
+        gives up, breaks the barrier for the other parties."""
+        return ProcsafeBarrier(parties, action, **self._made_here("barrier", name))
+
+    def value(self, typecode: str | type[Any], value: Any = 0, *, name: str | None = None) -> Any:
+        """A synchronized shared `multiprocessing.Value` whose lock is a bounded RLock."""
+        check_typecode(typecode)
+        lock = ProcsafeRLock(**self._made_here("value", name))
+        return self._context.Value(typecode, value, lock=lock)
+
+    def array(
+        self, typecode: str | type[Any], size_or_initializer: Any, *, name: str | None = None
+    ) -> Any:
+        """A synchronized shared `multiprocessing.Array` whose lock is a bounded RLock."""
+        check_typecode(typecode)
+        lock = ProcsafeRLock(**self._made_here("array", name))
+        return self._context.Array(typecode, size_or_initializer, lock=lock)
+
+    def shared_memory(self, size: int, *, name: str | None = None) -> SharedMemory:
+        """A new `multiprocessing.shared_memory.SharedMemory` block of *size* bytes,
+        closed and unlinked at teardown."""
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"a shared memory block's size must be an int > 0, got {size!r}")
+        label = self._made_here("shared memory", name)["label"]
+        block = SharedMemory(create=True, size=size)
+        self.adopt(SharedMemoryResource(block, label))
+        return block
+
+    def _made_here(self, kind: str, name: str | None) -> dict[str, Any]:
+        self._check_open()
+        return {"ctx": self._context, "label": self._label(kind, name), "watch": self._watch}
 
     def adopt(self, resource: Resource) -> None:
         """Register *resource* for teardown (what the factory methods make is registered)."""

@@ -30,6 +30,7 @@ import pytest
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
 from pytest_procsafe import _report
+from pytest_procsafe import _segments
 from pytest_procsafe._proctable import Proc
 from pytest_procsafe._tracker import Found
 from pytest_procsafe._tracker import LeakKind
@@ -105,6 +106,7 @@ class LeakChecks:
         self._stack: list[Owner] = []  # wider-scoped fixtures being set up
         self._fixtures: dict[object, Owner] = {}
         self._deferred: list[tuple[Proc, str]] = []  # stopped at session end
+        self.segments: _segments.SegmentWatch | None = None
         self._subreaper: bool | None = None
         self._ended = False
 
@@ -114,6 +116,8 @@ class LeakChecks:
             self.tracker = Tracker()
             if not self.tracker.nested:
                 self._subreaper = _proctable.set_subreaper(True)
+            if os.name == "posix":
+                self.segments = _segments.SegmentWatch(self.tracker.root)
 
     def _current(self) -> Owner:
         return self._stack[-1] if self._stack else self._test or self._session
@@ -121,6 +125,8 @@ class LeakChecks:
     def _observe(self, owner: Owner, phase: str) -> Tracker | None:
         if self.tracker is not None:
             self.tracker.observe(owner, phase)
+        if self.segments is not None:
+            self.segments.observe(owner, phase)
         return self.tracker
 
     # --- the hooks' entry points ----------------------------------------------------------
@@ -137,6 +143,8 @@ class LeakChecks:
         """The test's previous phase ended (``phase`` starts)."""
         if self.tracker is not None:  # inlined: this runs twice for every test
             self.tracker.observe(self._test or self._session, self._phase)
+        if self.segments is not None:
+            self.segments.observe(self._test or self._session, self._phase)
         self._phase = phase
 
     def test_end(self, settings: Callable[[], Settings]) -> str | None:
@@ -146,10 +154,17 @@ class LeakChecks:
         if owner is None or tracker is None:
             return None
         tracker.observe(owner, self._phase)
-        self._phase = "session"
-        if not tracker.has_candidates(owner):
-            return None
-        return self._check(owner, settings(), test=True)
+        phase, self._phase = self._phase, "session"
+        message = None
+        if tracker.has_candidates(owner):
+            message = self._check(owner, settings(), test=True)
+        # After the processes' cleanup: a leaked child killed now leaves its semaphores.
+        if self.segments is not None:
+            self.segments.observe(owner, phase)
+            if self.segments.has_candidates(owner):
+                more = self._check_segments(owner, settings(), test=True)
+                message = "\n\n".join(text for text in (message, more) if text) or None
+        return message
 
     def fixture_enter(self, key: object, name: str, where: Where | None) -> None:
         self._observe(self._current(), self._phase)
@@ -171,6 +186,9 @@ class LeakChecks:
         tracker = self._observe(self._current(), self._phase)
         if tracker is not None and tracker.has_candidates(owner):
             self._check(owner, self.settings, test=False)
+            if self.segments is not None:  # what its processes left as they were stopped
+                self.segments.observe(owner, "teardown")
+        self._check_segments(owner, self.settings, test=False)
 
     def session_end(self) -> None:
         """After the session's fixtures: check every owner left, clean up, write the report."""
@@ -182,6 +200,12 @@ class LeakChecks:
             for owner in tracker.owners():
                 self._check(owner, self.settings, test=False)
             self._stop_deferred()
+            if self.segments is not None:
+                self.segments.observe(self._current(), self._phase)
+                for segment_owner in self.segments.owners():
+                    assert isinstance(segment_owner, Owner)
+                    self._check_segments(segment_owner, self.settings, test=False)
+                self._unlink_deferred()
         if self._write_report and self.settings.report is not None:
             self.report.write(self.settings.report)
 
@@ -206,7 +230,10 @@ class LeakChecks:
                     leftovers = self.tracker.leftovers()
                     if leftovers:
                         _reaper.stop(leftovers, self.settings.kill_grace, self.tracker.root)
+                    self._unlink_deferred()
                 self.tracker.close()
+            if self.segments is not None:
+                self.segments.close()
         finally:
             if self._subreaper is not None:
                 _proctable.set_subreaper(self._subreaper)
@@ -220,6 +247,7 @@ class LeakChecks:
             procs = tracker.leftovers() + [proc for proc, _ in self._deferred]
             # No pool.terminate() here: it joins threads, from inside a signal handler.
             _reaper.stop(procs, self.settings.kill_grace, tracker.root, pools=False)
+            self._unlink_deferred()
 
     # --- checking one owner ---------------------------------------------------------------
 
@@ -264,7 +292,10 @@ class LeakChecks:
             tracker.exempt.update(proc.pid for proc in procs)
         dicts = [record.as_dict() for record in records]
         self.report.add(dicts)
-        message = _report.describe(owner.label, dicts, cleanup)
+        return self._deliver(_report.describe(owner.label, dicts, cleanup), owner, settings, test)
+
+    def _deliver(self, message: str, owner: Owner, settings: Settings, test: bool) -> str | None:
+        """Warn, or fail: the failure text for a test, the run's status otherwise."""
         if settings.leaks == "fail":
             if test:
                 return message
@@ -273,6 +304,28 @@ class LeakChecks:
         where = owner.where
         self._warn(message, where() if callable(where) else where, escalate=test)
         return None
+
+    def _check_segments(self, owner: Owner, settings: Settings, *, test: bool) -> str | None:
+        """Check the segments and semaphores *owner* left behind (after its processes)."""
+        watch, tracker = self.segments, self.tracker
+        if watch is None or tracker is None or not watch.has_candidates(owner):
+            return None
+        # Mappings count in this tree only, not in xdist workers' (pruned) subtrees.
+        found = watch.take(owner, lambda: set(tracker.table.tree(tracker.prune)) - tracker.prune)
+        if settings.leaks == "off":
+            return None
+        found = [s for s in found if not any(p.search(s.name) for p in settings.ignore)]
+        if not found:
+            return None
+        records = watch.settle(found, owner.label, self.settings.cleanup)
+        self.report.add(records)
+        message = _report.describe(owner.label, records, self.settings.cleanup)
+        return self._deliver(message, owner, settings, test)
+
+    def _unlink_deferred(self) -> None:
+        if self.segments is not None:
+            for owner, name in self.segments.unlink_deferred():
+                self.report.set_action(owner, None, "kept", name)
 
     def _ignored(self, record: LeakedProcess, settings: Settings) -> bool:
         text = " ".join(record.cmdline)

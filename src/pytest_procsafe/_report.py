@@ -5,7 +5,8 @@ cmdline, phase, action) so they travel from xdist workers to the controller as t
 each worker puts `worker_output` into ``config.workeroutput`` (JSON-able, so a worker on
 another interpreter or machine works too) and the controller reads it back with
 `from_worker`, adding ``worker`` (the xdist worker id) to each record. Leaked process
-trees are drawn as trees.
+trees are drawn as trees. A shared memory segment or semaphore has its ``name``
+instead, with ``pid`` and ``ppid`` None and an empty ``cmdline``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ VERSION: Final = 1
 KINDS: Final = ("leaked", "zombie", "orphan")
 #: The key of an xdist worker's ``config.workeroutput`` that carries its findings.
 WORKER_KEY: Final = "procsafe"
+#: Counted only in a report that has any (the version 1 shape is otherwise unchanged).
+SEGMENT_KINDS: Final = ("shared_memory", "semaphore")
 #: Longest command line shown in messages and the summary (the JSON report has it all).
 WIDTH: Final = 160
 
@@ -35,6 +38,11 @@ _WHEN: Final = {
     "killed": "stopped",
     "reaped": "reaped",
     "kept": "kept (--procsafe-cleanup=keep)",
+    "unlinked": "unlinked",
+}
+_NOUNS: Final = {
+    "shared_memory": ("shared memory segment", "shared memory segments"),
+    "semaphore": ("semaphore", "semaphores"),
 }
 
 
@@ -46,6 +54,8 @@ def command(record: Record, width: int = WIDTH) -> str:
 
 def _line(record: Record, action: bool) -> str:
     done = f", {record['action']}" if action else ""
+    if record["pid"] is None:  # a segment or semaphore: its name says what it is
+        return f"{record['kind']} {record['name']} (appeared in {record['phase']}{done})"
     return (
         f"{record['kind']} pid {record['pid']} (appeared in {record['phase']}{done}): "
         f"{command(record)}"
@@ -54,7 +64,7 @@ def _line(record: Record, action: bool) -> str:
 
 def tree_lines(records: Sequence[Record], *, action: bool = True) -> list[str]:
     """One line per record, children under their parent with ``├─``/``└─`` guides."""
-    by_pid = {record["pid"]: record for record in records}
+    by_pid = {record["pid"]: record for record in records if record["pid"] is not None}
     kids: dict[int, list[Record]] = {}
     roots = []
     for record in records:
@@ -80,14 +90,16 @@ def tree_lines(records: Sequence[Record], *, action: bool = True) -> list[str]:
 
 def describe(owner: str, records: Sequence[Record], cleanup: str) -> str:
     """The warning / failure text for one owner's leaks."""
-    count = len(records)
-    noun = "process" if count == 1 else "processes"
-    head = f"procsafe: {owner} left {count} {noun} behind:"
+    head = f"procsafe: {owner} left {_counted(records)} behind:"
     deferred = cleanup == "session"
     body = "\n".join("  " + line for line in tree_lines(records, action=not deferred))
     actions = {str(record["action"]) for record in records}
-    if deferred and actions & {"killed", "reaped"}:
-        tail = "they are stopped at the end of the session (--procsafe-cleanup=session)"
+    segments = all(record["pid"] is None for record in records)
+    if deferred and actions & {"killed", "reaped", "unlinked"}:
+        done = "unlinked" if segments else "stopped"
+        tail = f"they are {done} at the end of the session (--procsafe-cleanup=session)"
+    elif actions == {"kept"} and segments:
+        tail = "they were kept (--procsafe-cleanup=keep); unlink them yourself"
     elif actions == {"kept"}:
         tail = "they were kept running (--procsafe-cleanup=keep); stop them yourself"
     else:
@@ -116,6 +128,16 @@ def from_worker(worker: str, output: object) -> tuple[list[dict[str, Any]], bool
     return records, output.get("failed") is True
 
 
+def _counted(records: Sequence[Record]) -> str:
+    """``2 processes``, ``1 process and 1 semaphore``."""
+    counts: dict[tuple[str, str], int] = {}
+    for record in records:
+        noun = _NOUNS.get(record["kind"], ("process", "processes"))
+        counts[noun] = counts.get(noun, 0) + 1
+    parts = [f"{n} {noun[0] if n == 1 else noun[1]}" for noun, n in counts.items()]
+    return " and ".join(parts)
+
+
 @final
 class Report:
     """Every leak of the run, in the order found (xdist: every worker's too)."""
@@ -126,15 +148,19 @@ class Report:
     def add(self, records: Iterable[Record]) -> None:
         self.records.extend(dict(record) for record in records)
 
-    def set_action(self, owner: str, pid: int, action: str) -> None:
+    def set_action(
+        self, owner: str, pid: int | None, action: str, name: str | None = None
+    ) -> None:
         """Record what was done in the end (session cleanup acts after the report)."""
         for record in reversed(self.records):
-            if record["owner"] == owner and record["pid"] == pid:
+            if record["owner"] == owner and record["pid"] == pid and record.get("name") == name:
                 record["action"] = action
                 return
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(KINDS, 0)
+        if any(record["kind"] in SEGMENT_KINDS for record in self.records):
+            counts.update(dict.fromkeys(SEGMENT_KINDS, 0))
         for record in self.records:
             counts[record["kind"]] = counts.get(record["kind"], 0) + 1
         return counts

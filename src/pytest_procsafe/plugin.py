@@ -59,8 +59,8 @@ _HELP: Final = {
         "session under leaks=warn"
     ),
     "ignore": (
-        "Regular expression searched in a process's command line; matching processes are "
-        "never reported as leaks (repeatable)"
+        "Regular expression searched in a process's command line (or a leaked shared "
+        "memory segment's or semaphore's name); matches are never reported (repeatable)"
     ),
     "report": "Write a JSON report of the leaks found to this path",
 }
@@ -241,12 +241,16 @@ def mp_channels(
     request: pytest.FixtureRequest, mp_context: BaseContext, mp_process: WorkerGroup
 ) -> Iterator[Channels]:
     """Channels bound to ``mp_context``: ``.pipe(duplex=True)``, ``.queue(maxsize=0)``,
-    ``.joinable_queue(maxsize=0)``, ``.manager()``.
+    ``.joinable_queue(maxsize=0)``, ``.manager()``; shared state: ``.lock()``,
+    ``.rlock()``, ``.semaphore(value=1)``, ``.event()``, ``.condition()``,
+    ``.barrier(parties)``, ``.value(typecode, value)``,
+    ``.array(typecode, size_or_initializer)``, ``.shared_memory(size)``.
 
-    Blocking reads default to the procsafe timeout and raise `ChannelTimeout`, saying what
-    the workers are doing. At teardown what the test did not read is drained while the
-    workers are joined, then everything is closed: queues with their feeder threads
-    joined, pipes, and managers (terminated, then killed, if they do not stop).
+    Blocking reads, acquires and waits default to the procsafe timeout and raise
+    `ChannelTimeout`, saying what the workers are doing. At teardown what the test did not
+    read is drained while the workers are joined, then everything is closed: queues with
+    their feeder threads joined, pipes, managers (terminated, then killed, if they do not
+    stop), shared memory blocks (closed and unlinked).
     """
     from pytest_procsafe._channels import Channels
 

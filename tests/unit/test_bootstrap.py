@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import signal
@@ -233,6 +234,9 @@ def _middle(method: str, pids: Connection) -> None:
     worker.start()
     if ready.wait(WAIT):
         pids.send(worker.pid)
+    # Unlink the event's named semaphores as a normal exit would (the worker keeps its
+    # mapping): only the worker is meant to be left without its parent.
+    multiprocessing.util._run_finalizers(0)  # type: ignore[attr-defined]
     os._exit(0)
 
 

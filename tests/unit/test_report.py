@@ -175,3 +175,45 @@ def test_worker_findings_travel_as_json_and_are_marked_with_the_worker() -> None
 )
 def test_a_worker_that_sent_nothing_usable_adds_nothing(output: object) -> None:
     assert _report.from_worker("gw0", output) == ([], False)
+
+
+def segment(name: str, kind: str, action: str = "unlinked") -> dict[str, Any]:
+    return {
+        "owner": "t.py::t",
+        "kind": kind,
+        "name": name,
+        "pid": None,
+        "ppid": None,
+        "cmdline": [],
+        "phase": "call",
+        "action": action,
+    }
+
+
+def test_segments_are_named_counted_and_say_what_was_done() -> None:
+    records = [
+        record(10, 1),
+        segment("psm_1", "shared_memory"),
+        segment("/mp-2", "semaphore"),
+        segment("/mp-3", "semaphore"),
+    ]
+    text = _report.describe("t.py::t", records, "kill")
+    assert text.splitlines()[:4] == [
+        "procsafe: t.py::t left 1 process and 1 shared memory segment and 2 semaphores behind:",
+        "  leaked pid 10 (appeared in call, killed): sleep 10",
+        "  shared_memory psm_1 (appeared in call, unlinked)",
+        "  semaphore /mp-2 (appeared in call, unlinked)",
+    ]
+    assert text.endswith("they were stopped / unlinked")
+    deferred = _report.describe("t.py::t", records[1:2], "session")
+    assert deferred.endswith(
+        "they are unlinked at the end of the session (--procsafe-cleanup=session)"
+    )
+    kept = _report.describe("t.py::t", [segment("psm_1", "shared_memory", "kept")], "keep")
+    assert kept.endswith("they were kept (--procsafe-cleanup=keep); unlink them yourself")
+    report = Report()
+    report.add(records)
+    report.set_action("t.py::t", None, "kept", "/mp-3")
+    assert [r["action"] for r in report.records] == ["killed", "unlinked", "unlinked", "kept"]
+    counts = report.as_json()["counts"]
+    assert (counts["shared_memory"], counts["semaphore"], counts["leaked"]) == (1, 2, 1)

@@ -1,0 +1,302 @@
+"""POSIX shared memory segments and named semaphores left behind, per owner.
+
+On Linux both live in ``/dev/shm`` (a semaphore ``/mp-x`` is the file ``sem.mp-x``).
+`SegmentWatch` keeps the directory's entries with the owner each was first seen under,
+like `_tracker` does for processes. Observing costs one ``fstat`` of the directory when
+nothing changed (2-4 microseconds, at the end of each test phase): on tmpfs its ctime
+moves whenever an entry comes or goes. A change inside the timestamp granularity (a
+clock tick on older kernels) could hide behind an earlier one, so a directory modified
+within `RACY` of the last look is listed again next time.
+
+``/dev/shm`` is shared by the whole machine (xdist workers, parallel runs and other
+programs make entries there too) and a name says nothing about its maker, so an entry
+that appeared while a test ran is only reported with evidence that this run made it:
+
+* never: another user's entry; a procsafe ``mp_channels`` block still open; a semaphore
+  whose SemLock is still alive in this process (its finalizer unlinks it);
+* reported: a name this process or one of its descendants registered with
+  multiprocessing's resource tracker and did not unregister (`_registrations`): every
+  SharedMemory and every spawn/forkserver SemLock; or an entry mapped by this process or
+  a descendant (``/proc/PID/maps``: segments other code made with ``shm_open``);
+* not reported: anything else (a semaphore made with ``sem_open`` outside
+  multiprocessing, whose maker's mapping shows only a temporary name).
+
+Elsewhere (macOS) nothing lists semaphores or segments, so the registered names are
+watched instead (best effort).
+
+Unlinking also takes the name out of the resource tracker's books when one runs, so it
+does not warn about it again at exit. Imports neither pytest nor the plugin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from collections.abc import Collection
+from collections.abc import Iterable
+from typing import Final
+from typing import Literal
+from typing import NamedTuple
+from typing import final
+
+from pytest_procsafe._registrations import Registrations
+
+SegmentKind = Literal["shared_memory", "semaphore"]
+KINDS: Final[tuple[SegmentKind, ...]] = ("shared_memory", "semaphore")
+LINUX: Final = sys.platform.startswith("linux")
+SHM_DIR: Final = "/dev/shm"
+#: A directory modified this recently (ns) may hide a later change with the same time.
+RACY: Final = 50_000_000
+_SEM: Final = "sem."
+
+
+class Segment(NamedTuple):
+    """One entry: its ``/dev/shm`` name, kind, POSIX name, and when it appeared."""
+
+    entry: str
+    kind: SegmentKind
+    posix: str
+    phase: str
+
+    @property
+    def name(self) -> str:
+        """As multiprocessing names it: ``SharedMemory.name`` (``psm_x``), or a
+        semaphore's POSIX name (``/mp-x``)."""
+        return self.posix if self.kind == "semaphore" else self.posix.lstrip("/")
+
+
+def as_record(segment: Segment, owner: str, action: str) -> dict[str, object]:
+    """The JSON report's form: the name instead of a pid."""
+    return {
+        "owner": owner,
+        "kind": segment.kind,
+        "name": segment.name,
+        "pid": None,
+        "ppid": None,
+        "cmdline": [],
+        "phase": segment.phase,
+        "action": action,
+    }
+
+
+def parse(entry: str) -> tuple[SegmentKind, str]:
+    """Kind and POSIX name of a ``/dev/shm`` entry (``sem.mp-x`` is semaphore ``/mp-x``)."""
+    if entry.startswith(_SEM):
+        return "semaphore", "/" + entry[len(_SEM) :]
+    return "shared_memory", "/" + entry
+
+
+def entry_of(posix: str, kind: str) -> str:
+    """The ``/dev/shm`` entry of a POSIX name (the inverse of `parse`)."""
+    bare = posix.lstrip("/")
+    return _SEM + bare if kind == "semaphore" else bare
+
+
+def forget(posix: str, kind: SegmentKind) -> None:
+    """Take *posix* out of this process's resource tracker's books, if a tracker runs.
+
+    A REGISTER then an UNREGISTER: the tracker keeps a set, so this works whether or not
+    it had the name (an UNREGISTER alone of an unknown name prints a traceback there).
+    """
+    module = sys.modules.get("multiprocessing.resource_tracker")
+    tracker = getattr(module, "_resource_tracker", None)
+    if tracker is None or getattr(tracker, "_fd", None) is None:
+        return  # none started here: asking would start one
+    with contextlib.suppress(Exception):  # a dead tracker has no books to keep
+        tracker.register(posix, kind)
+        tracker.unregister(posix, kind)
+
+
+def alive_semaphores() -> set[str]:
+    """POSIX names of SemLocks alive in this process: their finalizer unlinks them."""
+    util = sys.modules.get("multiprocessing.util")
+    synchronize = sys.modules.get("multiprocessing.synchronize")
+    registry = getattr(util, "_finalizer_registry", None)
+    cleanup = getattr(getattr(synchronize, "SemLock", None), "_cleanup", None)
+    if not isinstance(registry, dict) or cleanup is None:
+        return set()
+    names = set()
+    for finalizer in list(registry.values()):
+        args = getattr(finalizer, "_args", None)
+        if getattr(finalizer, "_callback", None) is cleanup and args:
+            names.add(str(args[0]))
+    return names
+
+
+def owned_segments() -> set[str]:
+    """Blocks procsafe's channels still own (module not imported: none)."""
+    owned = getattr(sys.modules.get("pytest_procsafe._shared"), "owned_segments", None)
+    return set(owned()) if callable(owned) else set()
+
+
+# --- who maps an entry ------------------------------------------------------------------
+
+
+def holders(entries: Collection[str], pids: Iterable[int]) -> dict[str, set[int]]:
+    """Which of *pids* map each of *entries* (Linux; unreadable processes are skipped)."""
+    found: dict[str, set[int]] = {entry: set() for entry in entries}
+    needles = {f"{SHM_DIR}/{entry}\n".encode(): entry for entry in entries}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as file:
+                data = file.read()
+        except OSError:
+            continue
+        for needle, entry in needles.items():
+            if needle in data:
+                found[entry].add(pid)
+    return found
+
+
+# tmpfs stamps the directory from a coarse clock; compare with the same one.
+_CLOCK: Final = getattr(time, "CLOCK_REALTIME_COARSE", time.CLOCK_REALTIME)
+
+
+# --- the watch ----------------------------------------------------------------------------
+
+
+@final
+class SegmentWatch:
+    """Segments and semaphores by owner; see the module docstring. Owners are any hashable
+    objects (the leak checks' `Owner`)."""
+
+    def __init__(self, root: int | None = None) -> None:
+        self.root: Final = os.getpid() if root is None else root
+        self.listing: Final = LINUX and os.path.isdir(SHM_DIR)
+        self._fd = os.open(SHM_DIR, os.O_RDONLY | os.O_DIRECTORY) if self.listing else -1
+        self._ctime = -1
+        self._racy = True
+        self.seen: dict[str, tuple[object, str]] = {}
+        self._owned: dict[object, set[str]] = {}
+        self._deferred: list[tuple[Segment, str]] = []  # (segment, owner) for session end
+        self.registrations = Registrations()
+        for entry in self._entries():  # there before this session: never ours
+            self.seen[entry] = (None, "before")
+
+    def close(self) -> None:
+        self.registrations.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _entries(self) -> Collection[str]:
+        if self.listing:
+            return os.listdir(SHM_DIR)
+        return [entry_of(name, kind) for name, kind in self.registrations.names().items()]
+
+    # --- observing --------------------------------------------------------------------
+
+    def observe(self, owner: object, phase: str) -> None:
+        """Give new entries to *owner*; forget those that are gone."""
+        if self.listing:
+            info = os.fstat(self._fd)
+            # An entry made or removed moves the directory's ctime (with its mtime).
+            ctime = info.st_ctime_ns
+            if ctime == self._ctime and not self._racy:  # the clean test's whole cost
+                return
+            self._ctime = ctime
+            self._racy = time.clock_gettime_ns(_CLOCK) - ctime < RACY
+        entries = set(self._entries())
+        seen = self.seen
+        for entry in entries.difference(seen):
+            seen[entry] = (owner, phase)
+            self._owned.setdefault(owner, set()).add(entry)
+        if len(seen) > len(entries):
+            for entry in [entry for entry in seen if entry not in entries]:
+                self._forget(entry)
+
+    def _forget(self, entry: str) -> None:
+        owner, _ = self.seen.pop(entry, (None, ""))
+        owned = self._owned.get(owner)
+        if owned is not None:
+            owned.discard(entry)
+
+    def has_candidates(self, owner: object) -> bool:
+        return bool(self._owned.get(owner))
+
+    def owners(self) -> list[object]:
+        return [owner for owner, entries in self._owned.items() if entries]
+
+    # --- attributing ------------------------------------------------------------------
+
+    def take(self, owner: object, tree: Callable[[], Collection[int]]) -> list[Segment]:
+        """*owner*'s entries that are still there and attributable to it (checked once).
+
+        *tree* gives this process's descendants, asked only when needed."""
+        entries = sorted(self._owned.pop(owner, None) or ())
+        if not entries:
+            return []
+        own, alive = owned_segments(), alive_semaphores()
+        registered = self.registrations.names()
+        uid = os.geteuid() if hasattr(os, "geteuid") else -1
+        mine: list[Segment] = []
+        undecided: list[Segment] = []
+        for entry in entries:
+            kind, posix = parse(entry)
+            if posix in own or (kind == "semaphore" and posix in alive):
+                continue
+            if self.listing:
+                try:
+                    if os.stat(os.path.join(SHM_DIR, entry)).st_uid != uid:
+                        continue
+                except OSError:
+                    self._forget(entry)
+                    continue
+            segment = Segment(entry, kind, posix, self.seen.get(entry, (None, "?"))[1])
+            (mine if posix in registered or not self.listing else undecided).append(segment)
+        if undecided:  # no registration: only a mapping in this process tree tells
+            held = holders([s.entry for s in undecided], {self.root, *tree()})
+            mine.extend(s for s in undecided if held[s.entry])
+        return sorted(mine)
+
+    # --- cleaning up ------------------------------------------------------------------
+
+    def settle(self, found: list[Segment], owner: str, cleanup: str) -> list[dict[str, object]]:
+        """Act on *owner*'s leaks as *cleanup* says; their report records."""
+        done = self.unlink(found) if cleanup == "kill" else {}
+        if cleanup == "session":
+            self._deferred.extend((segment, owner) for segment in found)
+        return [
+            as_record(
+                s,
+                owner,
+                "kept" if cleanup == "keep" or not done.get(s.entry, True) else "unlinked",
+            )
+            for s in found
+        ]
+
+    def unlink_deferred(self) -> list[tuple[str, str]]:
+        """Unlink what `settle` left for the session's end; (owner, name) of failures."""
+        deferred, self._deferred = self._deferred, []
+        done = self.unlink(segment for segment, _ in deferred)
+        return [(owner, s.name) for s, owner in deferred if not done.get(s.entry)]
+
+    def unlink(self, segments: Iterable[Segment]) -> dict[str, bool]:
+        """Unlink each segment and forget it in the resource tracker; entry -> done."""
+        done = {}
+        for segment in segments:
+            done[segment.entry] = unlink(segment)
+            self.registrations.forget(segment.posix)
+            self._forget(segment.entry)
+        return done
+
+
+def unlink(segment: Segment) -> bool:
+    """Remove *segment*'s name; False if that failed (already gone counts as done)."""
+    try:
+        if LINUX:
+            os.unlink(os.path.join(SHM_DIR, segment.entry))
+        elif segment.kind == "semaphore":
+            importlib.import_module("_multiprocessing").sem_unlink(segment.posix)
+        else:
+            importlib.import_module("_posixshmem").shm_unlink(segment.posix)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    forget(segment.posix, segment.kind)
+    return True
