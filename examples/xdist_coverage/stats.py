@@ -12,5 +12,11 @@ def sum_of_squares(numbers: list[int]) -> int:
 
 
 def parallel_sum_of_squares(ctx: BaseContext, chunks: list[list[int]]) -> int:
-    with ctx.Pool(2) as pool:
+    pool = ctx.Pool(2)
+    try:
         return sum(pool.map(sum_of_squares, chunks))
+    finally:
+        # close() + join() lets the workers finish and exit on their own; the `with`
+        # block would terminate() them, which throws away what they have not saved.
+        pool.close()
+        pool.join()
