@@ -252,7 +252,7 @@ class Tracker:
             if pid in self.exempt or pid in machinery:
                 continue
             proc = _proctable.stat(pid)
-            if proc is not None and not _is_machinery(proc, machinery):
+            if proc is not None and not _is_machinery(proc, machinery, self.root):
                 out.append(proc)
         return out
 
@@ -280,7 +280,7 @@ class Tracker:
                     entries.remove(entry)
                     self._forget(entry.proc.pid)
                     continue
-                if _is_machinery(proc, machinery):
+                if _is_machinery(proc, machinery, self.root):
                     entries.remove(entry)
                     self.exempt.add(proc.pid)
                     continue
@@ -322,10 +322,12 @@ def _machinery_pids() -> set[int]:
     return pids
 
 
-def _is_machinery(proc: Proc, pids: set[int]) -> bool:
+def _is_machinery(proc: Proc, pids: set[int], root: int) -> bool:
     if proc.pid in pids:
         return True
-    if not _MACHINERY.search(" ".join(_proctable.cmdline(proc.pid))):
+    # Forks of a forkserver worker carry the server's command line; once re-parented to
+    # the test process they are orphans, not the server (ours is in *pids*).
+    if proc.ppid == root or not _MACHINERY.search(" ".join(_proctable.cmdline(proc.pid))):
         return False
     # A forkserver's children are forks of it, with its command line: they are workers.
     return not _MACHINERY.search(" ".join(_proctable.cmdline(proc.ppid)))
