@@ -32,6 +32,7 @@ import ctypes
 import faulthandler
 import os
 import pickle
+import reprlib
 import signal
 import sys
 from collections.abc import Callable
@@ -213,9 +214,31 @@ def _send(result: Connection, outcome: Outcome, finish: Callable[[], None]) -> N
         result.close()
 
 
+class _ShortRepr(reprlib.Repr):
+    """``repr`` that never builds the whole text of a huge value (a 100 MB bytes result
+    took seconds to repr, only to be cut to 80 characters)."""
+
+    def repr_bytes(self, value: bytes, level: int) -> str:
+        return self._cut(value)
+
+    def repr_bytearray(self, value: bytearray, level: int) -> str:
+        return self._cut(value)
+
+    def repr_str(self, value: str, level: int) -> str:
+        return self._cut(value)
+
+    def _cut(self, value: str | bytes | bytearray) -> str:
+        head = repr(value[: self.maxstring])
+        return head if len(value) <= self.maxstring else head + "..."
+
+
+_SHORT: Final = _ShortRepr()
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
 def _short_repr(value: object, limit: int = 80) -> str:
     try:
-        text = repr(value)
+        text = _SHORT.repr(value)
     except Exception:
         text = f"<{type(value).__name__} object>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
