@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from types import FrameType
@@ -81,11 +82,12 @@ class LeakedProcess:
         }
 
 
-def stop_procsafe_workers(grace: float) -> None:
-    """Stop the workers procsafe's fixtures started and still own: on every way out."""
+def stop_procsafe_workers(grace: float, since: float | None = None) -> None:
+    """Stop the workers procsafe's fixtures started (from *since* on) and still own: on
+    every way out."""
     stop_all = getattr(sys.modules.get("pytest_procsafe._workers"), "stop_all", None)
     if callable(stop_all):
-        stop_all(grace)
+        stop_all(grace, since=since)
 
 
 @final
@@ -109,6 +111,8 @@ class LeakChecks:
         self.segments: _segments.SegmentWatch | None = None
         self._subreaper: bool | None = None
         self._ended = False
+        # Workers made before this session are not its own (it runs nested in a test).
+        self._since = time.monotonic()
 
     def activate(self) -> None:
         """Start tracking (not under ``leaks=off``: off costs nothing, changes nothing)."""
@@ -194,7 +198,7 @@ class LeakChecks:
         """After the session's fixtures: check every owner left, clean up, write the report."""
         self._ended = True
         # procsafe's own workers first: whatever the fixtures still hold is not a leak.
-        stop_procsafe_workers(self.settings.kill_grace)
+        stop_procsafe_workers(self.settings.kill_grace, self._since)
         tracker = self._observe(self._current(), self._phase)
         if tracker is not None:
             for owner in tracker.owners():
@@ -223,7 +227,7 @@ class LeakChecks:
         """Unconfigure: the safety net for runs that never reached `session_end`."""
         try:
             if not self._ended:
-                stop_procsafe_workers(self.settings.kill_grace)
+                stop_procsafe_workers(self.settings.kill_grace, self._since)
             if self.tracker is not None:
                 if self.settings.cleanup != "keep":
                     self._stop_deferred()
@@ -241,7 +245,7 @@ class LeakChecks:
 
     def emergency(self) -> None:
         """SIGTERM: stop procsafe's workers and (unless keep) everything that leaked, now."""
-        stop_procsafe_workers(self.settings.kill_grace)
+        stop_procsafe_workers(self.settings.kill_grace, self._since)
         tracker = self.tracker
         if tracker is not None and self.settings.cleanup != "keep":
             procs = tracker.leftovers() + [proc for proc, _ in self._deferred]

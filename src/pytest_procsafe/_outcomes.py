@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import signal
+import sys
 import time
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 
 #: How often waits wake up to run the pumps, when there are any.
 PUMP_INTERVAL: Final = 0.03
+#: How often waits look for an exit the sentinel did not signal: a grandchild the worker
+#: forked holds the sentinel's write end, so it stays silent after the worker exited.
+EXIT_POLL: Final = 0.1
 #: How long a SIGKILLed worker may take to be reaped before we give up on it.
 KILL_WAIT: Final = 5.0
 
@@ -122,9 +126,22 @@ def wait_for(
         waitables: list[Any] = [obj for worker in pending for obj in worker._waitables()]
         if not waitables:
             continue  # they exited since _settled looked: look again, do not sleep
-        connection.wait(waitables, min(remaining, PUMP_INTERVAL) if pump else remaining)
+        connection.wait(waitables, min(remaining, PUMP_INTERVAL if pump else EXIT_POLL))
         if pump is not None:
             pump()
+
+
+# The real os.kill, taken at import: teardown runs while a test's monkeypatch of os.kill
+# is still active (multiprocessing's terminate() and kill() call os.kill by name), and a
+# hung worker must be stopped all the same.
+_KILL: Final = os.kill
+
+
+def send_signal(worker: Worker, signum: int) -> None:
+    """Send *signum* to *worker* unless it has been reaped (then its pid is not ours)."""
+    if worker.process.exitcode is None:
+        with contextlib.suppress(ProcessLookupError):
+            _KILL(worker.pid, signum)
 
 
 def escalate(
@@ -132,12 +149,17 @@ def escalate(
 ) -> list[Worker]:
     """Terminate *workers*, kill those alive after *grace*, reap; return the ones killed."""
     for worker in workers:
-        if worker.process.exitcode is None:  # unreaped, so the pid is still this child's
+        if sys.platform == "win32":
             worker.process.terminate()
+        else:
+            send_signal(worker, signal.SIGTERM)
     wait_for(workers, grace, pump=pump)
     killed = [worker for worker in workers if worker.process.exitcode is None]
     for worker in killed:
-        worker.process.kill()
+        if sys.platform == "win32":
+            worker.process.kill()
+        else:
+            send_signal(worker, signal.SIGKILL)
     wait_for(killed, KILL_WAIT, pump=pump)
     return killed
 

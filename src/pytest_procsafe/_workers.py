@@ -43,6 +43,7 @@ from pytest_procsafe._outcomes import WorkerError
 from pytest_procsafe._outcomes import WorkerTimeout
 from pytest_procsafe._outcomes import check_timeout
 from pytest_procsafe._outcomes import escalate
+from pytest_procsafe._outcomes import send_signal
 from pytest_procsafe._outcomes import wait_for
 from pytest_procsafe._payload import Payload
 from pytest_procsafe._payload import PayloadError
@@ -71,12 +72,15 @@ def owned_pids() -> set[int]:
     return {pid for group in list(_LIVE) for pid in group.owned_pids()}
 
 
-def stop_all(grace: float) -> None:
+def stop_all(grace: float, *, since: float | None = None) -> None:
     """Stop every live worker of every open group: terminate, kill after *grace*, reap.
 
-    Workers stopped here count as stopped, not as crashed, when their group closes.
+    With *since* (a ``time.monotonic()`` value), only groups made from then on: a pytest
+    run nested in a test (pytester's inline mode) stops its own workers, not those of the
+    test running it. Workers stopped here count as stopped, not as crashed, when their
+    group closes.
     """
-    groups = list(_LIVE)
+    groups = [group for group in _LIVE if since is None or group.created >= since]
     workers = [w for group in groups for w in group.workers if w.process.exitcode is None]
     for worker in workers:
         worker._stopped = True
@@ -114,6 +118,8 @@ class WorkerGroup:
         self._counters: dict[str, int] = {}
         self._problems: list[str] | None = None
         self._coverage: tuple[_coverage.Plan | None] | None = None  # computed once
+        #: When the group was made (``time.monotonic()``): see `stop_all`.
+        self.created: Final = time.monotonic()
         _LIVE.add(self)
 
     def __call__(
@@ -140,6 +146,8 @@ class WorkerGroup:
             raise TypeError(f"kwargs must be a mapping or None, got {kwargs!r}")
         payload = Payload(target, tuple(args), kwargs)
         name = self._pick_name(target, name)
+        if self.start_method != "fork":
+            _check_cwd(f"cannot start worker {name!r} ({self.start_method}) of {self.owner}")
         stack_file = _make_stack_file()
         launch = _bootstrap.Launch(
             start_method=self.start_method,
@@ -296,7 +304,7 @@ class WorkerGroup:
         """Ask each hung worker for its stack; return the dumps that arrived in time."""
         asked = [worker for worker in hung if _can_dump(worker)]
         for worker in asked:
-            os.kill(worker.pid, _STACK_SIGNAL)  # type: ignore[arg-type]  # _can_dump checked it
+            send_signal(worker, _STACK_SIGNAL)  # type: ignore[arg-type]  # _can_dump checked it
         sizes = dict.fromkeys(asked, -1)
         deadline = time.monotonic() + STACK_WAIT
         while sizes and time.monotonic() < deadline:
@@ -364,6 +372,19 @@ def trim_stack(dump: str) -> str:
             line = "  (the procsafe bootstrap and multiprocessing frames below are omitted)"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _check_cwd(what: str) -> None:
+    # spawn and forkserver children start in the parent's current directory, and
+    # multiprocessing fails with a bare FileNotFoundError when it was removed.
+    try:
+        os.getcwd()
+    except FileNotFoundError as exc:
+        raise WorkerError(
+            f"{what}: the current directory of the test process no longer exists (it was "
+            "removed while the process was in it); spawn and forkserver children start in "
+            "their parent's current directory, so chdir into one that exists first"
+        ) from exc
 
 
 def _make_stack_file() -> str | None:
