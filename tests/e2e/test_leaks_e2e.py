@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from survivors import no_survivors
 
 from pytest_procsafe import _methods
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
+from survivors import no_survivors
 
 pytestmark = pytest.mark.skipif(not _proctable.LINUX, reason="zombies and orphans: Linux")
 

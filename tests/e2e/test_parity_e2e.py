@@ -10,9 +10,9 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from survivors import no_survivors
 
 from pytest_procsafe import _methods
+from survivors import no_survivors
 
 METHODS = _methods.available()
 RUN_LIMIT = 240.0  # an inner run that takes this long is hung: fail instead of waiting

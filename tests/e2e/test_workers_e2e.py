@@ -5,9 +5,9 @@ from __future__ import annotations
 import xml.etree.ElementTree as ElementTree
 
 import pytest
-from survivors import no_survivors
 
 from pytest_procsafe import _methods
+from survivors import no_survivors
 
 METHODS = _methods.available()
 RUN_LIMIT = 240.0  # an inner run that takes this long is hung: fail instead of waiting
