@@ -7,6 +7,7 @@ of their own.
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from collections.abc import Generator
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -230,7 +231,36 @@ def mp_process(
     yield group
     problems = group.close()
     if problems:
-        pytest.fail("\n\n".join(problems), pytrace=False)
+        _fail_teardown(request, problems)
+
+
+_IN_PROTOCOL: Final = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    item.stash[_IN_PROTOCOL] = True
+    try:
+        return (yield)
+    finally:
+        item.stash[_IN_PROTOCOL] = False
+
+
+def _fail_teardown(request: pytest.FixtureRequest, problems: list[str]) -> None:
+    """Fail the test's teardown with *problems*; say them when no test is running.
+
+    After an internal error (another plugin's hook raised), the session's end tears the
+    fixtures down outside any test: raising there turned pytest's INTERNALERROR report and
+    exit status into a bare traceback.
+    """
+    text = "\n\n".join(problems)
+    if request.node.stash.get(_IN_PROTOCOL, False):
+        pytest.fail(text, pytrace=False)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"procsafe: {request.node.nodeid}: {text}", red=True)
+    else:
+        sys.stderr.write(f"procsafe: {request.node.nodeid}: {text}\n")
 
 
 # --- channels ---------------------------------------------------------------------------
@@ -281,7 +311,7 @@ def mp_channels(
     finally:
         problems = channels.close()
     if problems:
-        pytest.fail("\n\n".join(problems), pytrace=False)
+        _fail_teardown(request, problems)
 
 
 @pytest.fixture
