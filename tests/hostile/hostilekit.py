@@ -70,7 +70,7 @@ def sections(output: str) -> dict[str, str]:
     "Captured procsafe teardown", which the JUnit XML leaves out, included)."""
     found: dict[str, str] = {}
     heads = list(_HEADER.finditer(output))
-    for head, after in zip(heads, [*heads[1:], None], strict=True):
+    for head, after in zip(heads, [*heads[1:], None][: len(heads)], strict=True):
         end = after.start() if after is not None else len(output)
         found[head.group(1)] = found.get(head.group(1), "") + output[head.end() : end]
     return found
@@ -89,13 +89,15 @@ def cases(junit: Path, output: str = "") -> dict[str, Case]:
                 kinds.add(child.tag)
                 texts.append(f"{child.get('message', '')}\n{child.text or ''}")
         name = case.get("name", "")
-        texts.append(reports.get(name, ""))
+        # A test that failed and then errored in teardown has two entries: merge them.
+        before = found.get(name)
+        texts.append(reports.get(name, "") if before is None else before.text)
         found[name] = Case(
-            failed="failure" in kinds,
-            error="error" in kinds,
-            skipped="skipped" in kinds,
+            failed="failure" in kinds or (before is not None and before.failed),
+            error="error" in kinds or (before is not None and before.error),
+            skipped="skipped" in kinds or (before is not None and before.skipped),
             text="\n".join(texts),
-            seconds=float(case.get("time", "0")),
+            seconds=float(case.get("time", "0")) + (before.seconds if before else 0.0),
         )
     return found
 
