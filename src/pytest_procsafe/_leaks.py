@@ -111,6 +111,8 @@ class LeakChecks:
         self.segments: _segments.SegmentWatch | None = None
         self._subreaper: bool | None = None
         self._ended = False
+        #: Why the JSON report could not be written (the run then fails), if it could not.
+        self.report_error: str | None = None
         # Workers made before this session are not its own (it runs nested in a test).
         self._since = time.monotonic()
 
@@ -210,8 +212,18 @@ class LeakChecks:
                     assert isinstance(segment_owner, Owner)
                     self._check_segments(segment_owner, self.settings, test=False)
                 self._unlink_deferred()
-        if self._write_report and self.settings.report is not None:
-            self.report.write(self.settings.report)
+        path = self.settings.report
+        if self._write_report and path is not None:
+            try:
+                self.report.write(path)
+            except OSError as exc:
+                # Checked at startup, yet the directory may have gone or refuse files
+                # (removed meanwhile, a read-only or virtual file system): say so, do not
+                # crash the run's end with a traceback.
+                self.report_error = (
+                    f"procsafe: could not write the JSON report {str(path)!r}: "
+                    f"{exc.strerror or exc}"
+                )
 
     def worker_output(self) -> dict[str, Any]:
         """An xdist worker's findings for its controller (after `session_end`)."""

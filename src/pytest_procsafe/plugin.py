@@ -400,7 +400,8 @@ class _LeakSessionHooks:
         workeroutput = getattr(session.config, "workeroutput", None)
         if isinstance(workeroutput, dict):
             workeroutput[_report.WORKER_KEY] = self.checks.worker_output()
-        if self.checks.failed and session.exitstatus == pytest.ExitCode.OK:
+        failed = self.checks.failed or self.checks.report_error is not None
+        if failed and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     @pytest.hookimpl(optionalhook=True)  # an xdist hook: only the controller calls it
@@ -412,11 +413,14 @@ class _LeakSessionHooks:
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         lines = self.checks.report.summary()
-        if not lines:
+        error = self.checks.report_error
+        if not lines and error is None:
             return
         terminalreporter.section("procsafe")
         for line in lines:
             terminalreporter.line(line)
+        if error is not None:
+            terminalreporter.line(error, red=True)
         if self.checks.failed:
             terminalreporter.line(
                 "procsafe: leaks outside tests (fixtures, the session) fail the run",
