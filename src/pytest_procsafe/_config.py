@@ -148,6 +148,8 @@ def parse_report(option: str, value: str) -> Path:
     if path.is_dir():
         raise SettingError(f"{option}: {value!r} is a directory; expected the path of a JSON file")
     parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise SettingError(f"{option}: {str(parent)!r} of {value!r} is not a directory")
     if not parent.is_dir():
         raise SettingError(f"{option}: directory {str(parent)!r} of {value!r} does not exist")
     if not os.access(parent, os.W_OK):
