@@ -231,6 +231,7 @@ MANY = """
             workers = [mp_process(square, 20 * batch + i) for i in range(20)]
             assert [w.result() for w in workers] == [(20 * batch + i) ** 2 for i in range(20)]
         assert len(mp_process.workers) == 200
+        mp_process.join_all()
         assert all(w.exitcode == 0 for w in mp_process.workers)
 """
 
