@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from survivors import no_survivors
 
 from pytest_procsafe import _config
 from pytest_procsafe import _methods
 from pytest_procsafe import hookspecs
 from pytest_procsafe import plugin
+from survivors import no_survivors
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
