@@ -217,7 +217,9 @@ class _Wrapper:
     def __init__(self, wrapped: Callable[[str], dict[str, Any]]) -> None:
         self.wrapped = wrapped
         self.active = True
-        functools.update_wrapper(self, wrapped)
+        # updated=(): copying the wrapped one's __dict__ would, for a nested run wrapping
+        # the outer run's wrapper, take over *its* "wrapped" and drop it from the chain.
+        functools.update_wrapper(self, wrapped, updated=())
 
     def __call__(self, name: str) -> dict[str, Any]:
         if not self.active:

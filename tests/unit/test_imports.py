@@ -161,6 +161,24 @@ def test_install_adds_a_stowaway_and_uninstall_restores(monkeypatch: pytest.Monk
     assert spawn.get_preparation_data is base
 
 
+def test_a_nested_install_undoes_only_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pytest run nested in a test (pytester inline) installs over the outer run's hook.
+    def base(name: str) -> dict[str, Any]:
+        return {"name": name}
+
+    monkeypatch.setattr(spawn, "get_preparation_data", base)
+    uninstall_outer = _imports.install()
+    outer = spawn.get_preparation_data
+    uninstall_inner = _imports.install()
+
+    uninstall_inner()
+
+    assert spawn.get_preparation_data is outer
+    assert _imports.KEY in spawn.get_preparation_data("z")
+    uninstall_outer()
+    assert spawn.get_preparation_data is base
+
+
 def test_uninstall_under_a_later_wrapper_switches_ours_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
