@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from survivors import no_survivors
 
 import pytest_procsafe
 from pytest_procsafe import _methods
+from survivors import no_survivors
 
 pytest.importorskip("xdist")
 pytest.importorskip("pytest_cov")

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from survivors import no_survivors
 
 from pytest_procsafe import _methods
 from pytest_procsafe import _segments
+from survivors import no_survivors
 
 ALL = _methods.available()
 N = len(ALL)
