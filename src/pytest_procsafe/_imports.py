@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.machinery
 import importlib.util
+import multiprocessing
 import os
 import site
 import sys
@@ -221,9 +222,15 @@ class _Wrapper:
         functools.update_wrapper(self, wrapped, updated=())
 
     def __call__(self, name: str) -> dict[str, Any]:
+        if not self.active:
+            return self.wrapped(name)
+        # The original asks for the global start method, which fixes it for good as a side
+        # effect: after one spawn worker, a test's own set_start_method() would raise.
+        unset = multiprocessing.get_start_method(allow_none=True) is None
         data = self.wrapped(name)
-        if self.active:
-            data[KEY] = _Stowaway()
+        if unset:
+            multiprocessing.set_start_method(None, force=True)
+        data[KEY] = _Stowaway()
         return data
 
 

@@ -62,21 +62,6 @@ TESTS = """
         return value
 
 
-    def test_change_global_start_method():
-        # First in the file: starting a spawn/forkserver worker fixes the global method
-        # (CPython's get_preparation_data asks for it); procsafe's setup alone must not.
-        assert multiprocessing.get_start_method(allow_none=True) is None, "procsafe set it"
-        multiprocessing.set_start_method("spawn")
-
-
-    def test_force_global_start_method():
-        multiprocessing.set_start_method("forkserver", force=True)
-        process = multiprocessing.Process(target=square, args=(3,))
-        process.start()
-        process.join(60)
-        assert process.exitcode == 0
-
-
     def test_fork_and_forget(mp_process):
         assert mp_process(square, 4).result() == 16
         pid = os.fork()
@@ -109,6 +94,19 @@ TESTS = """
         assert not feeder.is_alive()
         with pytest.raises(ChannelTimeout):
             mp_queue.get()
+
+
+    def test_change_global_start_method():
+        assert multiprocessing.get_start_method(allow_none=True) is None, "procsafe set it"
+        multiprocessing.set_start_method("spawn")
+
+
+    def test_force_global_start_method():
+        multiprocessing.set_start_method("forkserver", force=True)
+        process = multiprocessing.Process(target=square, args=(3,))
+        process.start()
+        process.join(60)
+        assert process.exitcode == 0
 
 
     def test_fixtures_keep_their_method(mp_process, mp_context, mp_start_method):
