@@ -87,6 +87,17 @@ class _Watched:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._procsafe_label!r}>"
 
+    # The standard object's own state (SemLock's asserts spawning), plus ours. super() is
+    # the multiprocessing class each subclass also derives from.
+    def __getstate__(self) -> Any:
+        inner = super().__getstate__()  # type: ignore[misc]
+        return inner, self._procsafe_label, self._procsafe_watch.timeout
+
+    def __setstate__(self, state: Any) -> None:
+        inner, label, timeout = state
+        super().__setstate__(inner)  # type: ignore[misc]
+        self._procsafe_init(label, Watch(timeout))
+
     def _procsafe_wait(
         self, call: str, attempt: Callable[[float], _R | Literal[Token.MISS]], why: str
     ) -> _R:
@@ -146,15 +157,6 @@ class _BoundedSemLock(_Watched):
 
     def __exit__(self, *exc_info: object) -> None:
         self._semlock.release()
-
-    def __getstate__(self) -> Any:
-        inner = super().__getstate__()  # type: ignore[misc]  # SemLock's: asserts spawning
-        return inner, self._procsafe_label, self._procsafe_watch.timeout
-
-    def __setstate__(self, state: Any) -> None:
-        inner, label, timeout = state
-        super().__setstate__(inner)  # type: ignore[misc]
-        self._procsafe_init(label, Watch(timeout))
 
 
 @final
@@ -233,15 +235,6 @@ class ProcsafeCondition(_Watched, multiprocessing.synchronize.Condition):
 
         return self._procsafe_wait(self._procsafe_wait_for, attempt, "nobody is left to notify it")
 
-    def __getstate__(self) -> Any:
-        inner = super().__getstate__()  # type: ignore[misc]
-        return inner, self._procsafe_label, self._procsafe_watch.timeout
-
-    def __setstate__(self, state: Any) -> None:
-        inner, label, timeout = state
-        super().__setstate__(inner)  # type: ignore[misc]
-        self._procsafe_init(label, Watch(timeout))
-
 
 @final
 class ProcsafeEvent(_Watched, multiprocessing.synchronize.Event):
@@ -319,14 +312,8 @@ class ProcsafeBarrier(_Watched, multiprocessing.synchronize.Barrier):
                 self.abort()
             raise
 
-    def __getstate__(self) -> Any:
-        inner = super().__getstate__()  # type: ignore[misc]
-        return inner, self._procsafe_label, self._procsafe_watch.timeout
-
     def __setstate__(self, state: Any) -> None:
-        inner, label, timeout = state
-        super().__setstate__(inner)  # type: ignore[misc]
-        self._procsafe_init(label, Watch(timeout))
+        super().__setstate__(state)
         cond = self._cond  # type: ignore[attr-defined]  # threading.Barrier's, untyped
         cond._procsafe_wait_for = "wait()"
 

@@ -234,16 +234,15 @@ def mp_process(
         _fail_teardown(request, problems)
 
 
-_IN_PROTOCOL: Final = pytest.StashKey[bool]()
+_SESSION_ENDING: Final = pytest.StashKey[bool]()
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
-    item.stash[_IN_PROTOCOL] = True
-    try:
-        return (yield)
-    finally:
-        item.stash[_IN_PROTOCOL] = False
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # From here on, fixtures are torn down outside any test: pytest's own sessionfinish
+    # tears down what is left (after Ctrl-C, or another plugin's internal error). A flag
+    # set once here, rather than a per-test wrapper around every test's protocol.
+    session.config.stash[_SESSION_ENDING] = True
 
 
 def _fail_teardown(request: pytest.FixtureRequest, problems: list[str]) -> None:
@@ -254,7 +253,7 @@ def _fail_teardown(request: pytest.FixtureRequest, problems: list[str]) -> None:
     exit status into a bare traceback.
     """
     text = "\n\n".join(problems)
-    if request.node.stash.get(_IN_PROTOCOL, False):
+    if not request.config.stash.get(_SESSION_ENDING, False):
         pytest.fail(text, pytrace=False)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
