@@ -21,7 +21,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SUITES = HERE / "suites"
-SRC = HERE.parent / "src"
+SRC = HERE.parent  # the package lives at the top level
 
 
 @dataclasses.dataclass(frozen=True)
