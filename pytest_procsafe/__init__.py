@@ -12,11 +12,11 @@ if TYPE_CHECKING:
     from pytest_procsafe._channels import Channels
     from pytest_procsafe._leaks import LeakedProcess
     from pytest_procsafe._leaks import ProcessLeakWarning
-    from pytest_procsafe._outcomes import Worker
-    from pytest_procsafe._outcomes import WorkerCrashed
-    from pytest_procsafe._outcomes import WorkerError
-    from pytest_procsafe._outcomes import WorkerTimeout
     from pytest_procsafe._timeouts import ChannelTimeout
+    from pytest_procsafe._worker import Worker
+    from pytest_procsafe._worker import WorkerCrashed
+    from pytest_procsafe._worker import WorkerError
+    from pytest_procsafe._worker import WorkerTimeout
     from pytest_procsafe._workers import WorkerGroup
 
 __all__ = [
@@ -41,11 +41,11 @@ _LAZY: Final = {
     "Channels": "_channels",
     "LeakedProcess": "_leaks",
     "ProcessLeakWarning": "_leaks",
-    "Worker": "_outcomes",
-    "WorkerCrashed": "_outcomes",
-    "WorkerError": "_outcomes",
+    "Worker": "_worker",
+    "WorkerCrashed": "_worker",
+    "WorkerError": "_worker",
     "WorkerGroup": "_workers",
-    "WorkerTimeout": "_outcomes",
+    "WorkerTimeout": "_worker",
 }
 
 

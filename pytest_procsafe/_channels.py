@@ -30,7 +30,9 @@ from typing import TypeVar
 from typing import cast
 from typing import final
 
-from pytest_procsafe._outcomes import check_timeout
+from pytest_procsafe import _escalate
+from pytest_procsafe import _owned
+from pytest_procsafe import _seconds
 from pytest_procsafe._shared import ProcsafeBarrier
 from pytest_procsafe._shared import ProcsafeCondition
 from pytest_procsafe._shared import ProcsafeEvent
@@ -40,7 +42,6 @@ from pytest_procsafe._shared import ProcsafeSemaphore
 from pytest_procsafe._shared import SharedMemoryResource
 from pytest_procsafe._shared import check_typecode
 from pytest_procsafe._timeouts import Watch
-from pytest_procsafe._timeouts import seconds
 from pytest_procsafe._wrappers import ProcsafeConnection
 from pytest_procsafe._wrappers import ProcsafeJoinableQueue
 from pytest_procsafe._wrappers import ProcsafeQueue
@@ -50,13 +51,15 @@ if TYPE_CHECKING:
 
 _Q = TypeVar("_Q", bound=ProcsafeQueue)
 
-#: Pids of the manager processes procsafe started and has not stopped yet.
-_MANAGER_PIDS: set[int] = set()
 
+class Joinable(Protocol):
+    """The test's workers, as the channels' teardown needs them (a `WorkerGroup`)."""
 
-def owned_pids() -> set[int]:
-    """Manager processes procsafe still owns (the leak checks must not report them)."""
-    return set(_MANAGER_PIDS)
+    def add_pump(self, pump: Callable[[], object]) -> None:
+        """Have *pump* called while the workers are waited for."""
+
+    def close(self) -> object:
+        """Join the workers (stopping those that hang); reports its own problems."""
 
 
 class Resource(Protocol):
@@ -132,7 +135,8 @@ class _ManagerResource:
                 problems.append(problem)
         if process.is_alive():
             return problems  # shutdown() would talk to it without a timeout
-        _MANAGER_PIDS.discard(process.pid)
+        if process.pid is not None:
+            _owned.discard_pid(process.pid)
         self._manager.shutdown()  # bookkeeping only: it sends nothing to a dead process
         return problems
 
@@ -143,19 +147,28 @@ class _ManagerResource:
         process.join(0.0 if refused else max(0.0, deadline - time.monotonic()))
         if not process.is_alive():
             return None
-        how = "terminated"
-        process.terminate()
-        process.join(self._grace)
-        if process.is_alive():
-            how = "killed"
-            process.kill()
-            process.join(self._timeout)
+        killed = _escalate.escalate(
+            [process],
+            self._grace,
+            send=_signal_manager,
+            exited=lambda proc: not proc.is_alive(),
+            wait=lambda procs, timeout: procs[0].join(timeout),
+        )
+        how = "killed" if killed else "terminated"
         reason = f" ({refused})" if refused else ""
         outcome = how if not process.is_alive() else f"{how}, but it is still running"
         return (
             f"{self.label} (manager pid {process.pid}) did not shut down within "
-            f"{seconds(self._timeout)}{reason}; {outcome}"
+            f"{_seconds.fmt(self._timeout)}{reason}; {outcome}"
         )
+
+
+def _signal_manager(process: BaseProcess, signum: int) -> None:
+    # multiprocessing's own calls: they know the platform, and a reaped one is left alone.
+    if signum == _escalate.SIGTERM:
+        process.terminate()
+    else:
+        process.kill()
 
 
 def _manager_process(manager: multiprocessing.managers.BaseManager) -> BaseProcess:
@@ -217,18 +230,17 @@ class Channels:
         diagnose: Callable[[], str],
         workers_done: Callable[[], bool] | None = None,
     ) -> None:
-        timeout = check_timeout("timeout", timeout, allow_zero=False)
-        check_timeout("kill_grace", kill_grace)
+        timeout = _seconds.check("timeout", timeout, allow_zero=False)
+        _seconds.check("kill_grace", kill_grace)
 
         def senders_gone() -> bool:
             # Workers are not the only possible senders: a test may feed a channel from
             # processes it started itself (a Pool, plain processes). Managers procsafe
             # made never send on their own.
-            return (
-                workers_done is not None
-                and workers_done()
-                and all(p.pid in _MANAGER_PIDS for p in multiprocessing.active_children())
-            )
+            if workers_done is None or not workers_done():
+                return False
+            managers = _owned.pids(_owned.MANAGER)
+            return all(p.pid in managers for p in multiprocessing.active_children())
 
         self._context = context
         self._kill_grace = kill_grace
@@ -292,7 +304,7 @@ class Channels:
         manager.start()
         pid = _manager_process(manager).pid
         assert pid is not None  # started
-        _MANAGER_PIDS.add(pid)
+        _owned.add_pid(pid, _owned.MANAGER)
         self.adopt(_ManagerResource(manager, label, self._watch.timeout, self._kill_grace))
         return manager
 
@@ -367,6 +379,22 @@ class Channels:
             # Closed or broken meanwhile: close() reports what matters.
             with contextlib.suppress(OSError, ValueError):
                 resource.drain(force=False)
+
+    def teardown(self, workers: Joinable) -> list[str]:
+        """DESIGN's teardown order; returns the channels' problems.
+
+        Drain first and while the workers are joined: a worker blocked writing (or
+        flushing its queue as it exits) finishes only once someone reads. Only now: during
+        the test, a join must not swallow what the test still means to read. Then close
+        everything, whatever the join raised.
+        """
+        try:
+            self.drain()
+            workers.add_pump(self.drain)
+            workers.close()  # idempotent; mp_process's own teardown reports its problems
+        finally:
+            problems = self.close()
+        return problems
 
     def close(self) -> list[str]:
         """Close everything it made, newest first; return the problems (idempotent)."""

@@ -9,7 +9,6 @@ what is allowed; bad marker values are a collection error naming the keyword.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from collections.abc import Callable
@@ -18,12 +17,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 from typing import Literal
+from typing import NamedTuple
 from typing import cast
 from typing import final
 
 import pytest
 
 from pytest_procsafe import _methods
+from pytest_procsafe import _seconds
 
 LeakMode = Literal["fail", "warn", "off"]
 CleanupMode = Literal["kill", "session", "keep"]
@@ -33,13 +34,88 @@ CLEANUP_MODES: Final = ("auto", "kill", "session", "keep")
 #: Keywords ``@pytest.mark.procsafe(...)`` accepts.
 MARKER_KEYWORDS: Final = ("leaks", "start_methods", "timeout", "kill_grace", "ignore")
 
+
+@final
+class Option(NamedTuple):
+    """One procsafe option: ``--procsafe-<name>`` on the command line, ``procsafe_<name>``
+    in the ini file."""
+
+    name: str
+    metavar: str
+    #: The help text; ``{default}`` stands for the default.
+    help: str
+    default: str | None = None
+    #: An ini ``linelist`` and a repeatable flag (``ignore``), or one value.
+    repeatable: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--procsafe-" + self.name.replace("_", "-")
+
+    @property
+    def ini(self) -> str:
+        return "procsafe_" + self.name
+
+    def help_text(self) -> str:
+        return self.help.format(default=self.default)
+
+
+#: Every option, in the order ``--help`` lists them. The defaults live here only.
+OPTIONS: Final = (
+    Option(
+        "leaks",
+        "MODE",
+        "What to do about processes, zombies and orphans a test leaves behind: "
+        "fail, warn or off (default: {default})",
+        "warn",
+    ),
+    Option(
+        "start_methods",
+        "METHODS",
+        "Start methods to run the mp_* fixtures under: a comma- or space-separated subset "
+        "of fork, spawn, forkserver, or all (default: {default}, those this platform has)",
+        "all",
+    ),
+    Option(
+        "timeout",
+        "SECONDS",
+        "Seconds any procsafe wait may block before it fails, > 0 (default: {default})",
+        "30",
+    ),
+    Option(
+        "kill_grace",
+        "SECONDS",
+        "Seconds between terminating a process and killing it, >= 0 (default: {default})",
+        "2",
+    ),
+    Option(
+        "cleanup",
+        "POLICY",
+        "When leaked processes are stopped: auto, kill (right after the report), "
+        "session (at session end) or keep (never); auto (the default) is kill under "
+        "leaks=fail and session under leaks=warn",
+        "auto",
+    ),
+    Option(
+        "ignore",
+        "REGEX",
+        "Regular expression searched in a process's command line (or a leaked shared "
+        "memory segment's or semaphore's name); matches are never reported (repeatable)",
+        repeatable=True,
+    ),
+    Option("report", "PATH", "Write a JSON report of the leaks found to this path"),
+)
 DEFAULTS: Final[Mapping[str, str]] = {
-    "leaks": "warn",
-    "start_methods": "all",
-    "timeout": "30",
-    "kill_grace": "2",
-    "cleanup": "auto",
+    option.name: option.default for option in OPTIONS if option.default is not None
 }
+
+
+def is_xdist_worker(config: pytest.Config) -> bool:
+    """Whether this pytest process is an xdist worker (not the controller).
+
+    Asked of the config, not the environment: children inherit ``PYTEST_XDIST_WORKER``.
+    """
+    return hasattr(config, "workerinput")
 
 
 @final
@@ -59,7 +135,7 @@ class Settings:
         """The one line ``pytest_report_header`` shows."""
         return (
             f"procsafe: start methods {', '.join(self.start_methods)}; "
-            f"leaks {self.leaks}; timeout {_seconds(self.timeout)}"
+            f"leaks {self.leaks}; timeout {_seconds.fmt(self.timeout)}"
         )
 
 
@@ -82,29 +158,10 @@ def parse_choice(option: str, value: object, allowed: Iterable[str]) -> str:
 
 
 def parse_seconds(option: str, value: object, *, allow_zero: bool) -> float:
-    bound = ">= 0" if allow_zero else "> 0"
-    if isinstance(value, bool):
-        raise SettingError(
-            f"{option}: invalid value {value!r}; expected a number of seconds {bound}"
-        )
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise SettingError(
-                f"{option}: invalid value {value!r}; expected a number of seconds {bound}"
-            ) from None
-    else:
-        raise SettingError(
-            f"{option}: invalid value {value!r}; expected a number of seconds {bound}"
-        )
-    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
-        raise SettingError(
-            f"{option}: invalid value {value!r}; expected a number of seconds {bound}"
-        )
-    return number
+    try:
+        return _seconds.check(option, value, allow_zero=allow_zero, text=True)
+    except _seconds.SecondsError as exc:
+        raise SettingError(f"{option}: invalid value {value!r}; expected {exc.expected}") from None
 
 
 def parse_methods(
@@ -288,7 +345,3 @@ def item_settings(item: pytest.Item) -> Settings:
         raise pytest.UsageError(str(exc)) from None
     item.stash[_ITEM_KEY] = settings
     return settings
-
-
-def _seconds(value: float) -> str:
-    return f"{value:g}s"

@@ -7,14 +7,12 @@ plugin) the parent imported those modules from files that the child's ``sys.path
 not lead to, so the child fails with ``ModuleNotFoundError`` although the same code works
 under fork.
 
-`install` wraps ``multiprocessing.spawn.get_preparation_data``, which every spawn and
-forkserver launch calls (also for plain ``multiprocessing.Process``, ``Pool`` and
-``ProcessPoolExecutor``), to add a stowaway object to the preparation data: pickling it
-records which file each non-stdlib, non-site-packages module came from; unpickling it in
-the child, before the process object itself is loaded, puts a meta path finder at the front
-of ``sys.meta_path`` that resolves those names to the same files (the trick coverage uses
-to start itself in spawn children). The wrapper chains with whatever was there before
-(coverage may have wrapped the function first).
+`install` has `_spawnhook` carry a stowaway in the preparation data of every spawn and
+forkserver launch (also for plain ``multiprocessing.Process``, ``Pool`` and
+``ProcessPoolExecutor``): pickling it records which file each non-stdlib,
+non-site-packages module came from; unpickling it in the child, before the process object
+itself is loaded, puts a meta path finder at the front of ``sys.meta_path`` that resolves
+those names to the same files.
 
 Runs inside workers: imports neither pytest nor the plugin.
 """
@@ -24,7 +22,6 @@ from __future__ import annotations
 import functools
 import importlib.machinery
 import importlib.util
-import multiprocessing
 import os
 import site
 import sys
@@ -32,15 +29,16 @@ import sysconfig
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
-from multiprocessing import spawn
 from types import ModuleType
 from typing import Any
 from typing import Final
 from typing import NamedTuple
 from typing import final
 
-#: The key of procsafe's entry in multiprocessing's preparation data.
-KEY: Final = "pytest_procsafe_imports"
+from pytest_procsafe import _spawnhook
+
+#: The name of the module map among `_spawnhook`'s riders.
+RIDER: Final = "imports"
 
 # The main module is re-run by multiprocessing itself under its own rules (as __mp_main__);
 # mapping it would import a second copy.
@@ -206,53 +204,12 @@ class _Stowaway:
         entries = {name: Entry(*value) for name, value in state["entries"].items()}
         install_finder(entries)
         # The child's own spawn children (a Pool inside a worker) need the map as well.
-        if not _wrapped_here():
-            install()
-
-
-@final
-class _Wrapper:
-    """Replaces ``spawn.get_preparation_data``, calling the function it replaced."""
-
-    def __init__(self, wrapped: Callable[[str], dict[str, Any]]) -> None:
-        self.wrapped = wrapped
-        self.active = True
-        # updated=(): copying the wrapped one's __dict__ would, for a nested run wrapping
-        # the outer run's wrapper, take over *its* "wrapped" and drop it from the chain.
-        functools.update_wrapper(self, wrapped, updated=())
-
-    def __call__(self, name: str) -> dict[str, Any]:
-        if not self.active:
-            return self.wrapped(name)
-        # The original asks for the global start method, which fixes it for good as a side
-        # effect: after one spawn worker, a test's own set_start_method() would raise.
-        unset = multiprocessing.get_start_method(allow_none=True) is None
-        data = self.wrapped(name)
-        if unset:
-            multiprocessing.set_start_method(None, force=True)
-        data[KEY] = _Stowaway()
-        return data
-
-
-def _wrapped_here() -> bool:
-    current = spawn.get_preparation_data
-    return isinstance(current, _Wrapper) and current.active
+        install()
 
 
 def install() -> Callable[[], None]:
     """Carry the module map into every spawn/forkserver child started from now on.
 
-    Returns the function that undoes it. When something else wrapped
-    ``get_preparation_data`` after us, ours cannot be unhooked from the chain, so it is
-    switched off instead and passes the data through unchanged.
+    Returns the function that undoes it (`_spawnhook` owns the wrapper).
     """
-    wrapper = _Wrapper(spawn.get_preparation_data)
-    spawn.get_preparation_data = wrapper
-
-    def uninstall() -> None:
-        wrapper.active = False
-        if spawn.get_preparation_data is wrapper:
-            # The stub types the attribute as that exact function; this is the original.
-            spawn.get_preparation_data = wrapper.wrapped  # type: ignore[assignment]
-
-    return uninstall
+    return _spawnhook.carry(RIDER, _Stowaway)

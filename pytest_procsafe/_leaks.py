@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable
-from types import FrameType
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import Literal
@@ -28,6 +24,7 @@ from typing import final
 
 import pytest
 
+from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
 from pytest_procsafe import _report
@@ -80,14 +77,6 @@ class LeakedProcess:
             "phase": self.phase,
             "action": self.action,
         }
-
-
-def stop_procsafe_workers(grace: float, since: float | None = None) -> None:
-    """Stop the workers procsafe's fixtures started (from *since* on) and still own: on
-    every way out."""
-    stop_all = getattr(sys.modules.get("pytest_procsafe._workers"), "stop_all", None)
-    if callable(stop_all):
-        stop_all(grace, since=since)
 
 
 @final
@@ -200,7 +189,7 @@ class LeakChecks:
         """After the session's fixtures: check every owner left, clean up, write the report."""
         self._ended = True
         # procsafe's own workers first: whatever the fixtures still hold is not a leak.
-        stop_procsafe_workers(self.settings.kill_grace, self._since)
+        _owned.stop(self.settings.kill_grace, self._since)
         tracker = self._observe(self._current(), self._phase)
         if tracker is not None:
             for owner in tracker.owners():
@@ -239,7 +228,7 @@ class LeakChecks:
         """Unconfigure: the safety net for runs that never reached `session_end`."""
         try:
             if not self._ended:
-                stop_procsafe_workers(self.settings.kill_grace, self._since)
+                _owned.stop(self.settings.kill_grace, self._since)
             if self.tracker is not None:
                 if self.settings.cleanup != "keep":
                     self._stop_deferred()
@@ -257,7 +246,7 @@ class LeakChecks:
 
     def emergency(self) -> None:
         """SIGTERM: stop procsafe's workers and (unless keep) everything that leaked, now."""
-        stop_procsafe_workers(self.settings.kill_grace, self._since)
+        _owned.stop(self.settings.kill_grace, self._since)
         tracker = self.tracker
         if tracker is not None and self.settings.cleanup != "keep":
             procs = tracker.leftovers() + [proc for proc, _ in self._deferred]
@@ -373,77 +362,3 @@ class LeakChecks:
         )
         for proc, owner in deferred:
             self.report.set_action(owner, proc.pid, actions.get(proc.pid, "reaped"))
-
-
-# The handler on_sigterm installed and the disposition it replaced. Forked children must
-# not inherit the handler: `Process.terminate()` means "die now" to them. SIGTERM stays
-# blocked across the fork until the child has its old disposition back: CPython drops
-# signals its handler caught in a child before its after-fork code ran, so a
-# ``p.start(); p.terminate()`` would otherwise be lost and the child live on.
-_SIGTERM: list[tuple[Callable[..., None], Any]] = []
-_FORK: dict[str, bool] = {"hooked": False, "blocked": False}
-
-
-def _sigterm_fork_before() -> None:
-    if _SIGTERM:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        _FORK["blocked"] = signal.SIGTERM not in old
-
-
-def _sigterm_fork_parent() -> None:
-    if _FORK["blocked"]:
-        _FORK["blocked"] = False
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-
-
-def _sigterm_fork_child() -> None:
-    ours = dict(_SIGTERM)
-    current = disposition = signal.getsignal(signal.SIGTERM)
-    while disposition in ours:  # unwind nested runs' handlers, none beyond them
-        disposition = ours[disposition]
-    if disposition is not current:
-        signal.signal(signal.SIGTERM, disposition)
-    _sigterm_fork_parent()
-
-
-def on_sigterm(cleanup: Callable[[], None]) -> Callable[[], None]:
-    """Run *cleanup* on SIGTERM, then let the previous disposition act; returns the undo.
-
-    A handler only (procsafe starts no thread); installed from the main thread, and not
-    at all when SIGTERM is ignored or was set outside Python.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is None or previous == signal.SIG_IGN:
-        return lambda: None
-    pid = os.getpid()
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM acts as before
-        try:
-            if os.getpid() == pid:  # not in a child forked from C, which kept the handler
-                cleanup()
-        finally:
-            if callable(previous):
-                previous(signum, frame)
-            else:  # SIG_DFL: die of SIGTERM, as without procsafe
-                os.kill(os.getpid(), signum)
-
-    signal.signal(signal.SIGTERM, handler)
-    if not _FORK["hooked"] and hasattr(os, "register_at_fork"):
-        os.register_at_fork(
-            before=_sigterm_fork_before,
-            after_in_parent=_sigterm_fork_parent,
-            after_in_child=_sigterm_fork_child,
-        )
-        _FORK["hooked"] = True
-    _SIGTERM.append((handler, previous))
-
-    def undo() -> None:
-        if (handler, previous) in _SIGTERM:
-            _SIGTERM.remove((handler, previous))
-        if signal.getsignal(signal.SIGTERM) is handler:
-            signal.signal(signal.SIGTERM, previous)
-
-    return undo

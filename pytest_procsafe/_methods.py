@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import re
 from collections.abc import Iterable
+from typing import Any
 from typing import Final
 
 #: Every start method procsafe knows, in the order tests are parametrized.
@@ -73,3 +74,28 @@ def _split(value: str | Iterable[str]) -> list[str]:
 def intersect(selected: tuple[str, ...], wanted: tuple[str, ...]) -> tuple[str, ...]:
     """The methods in both, in canonical order (a marker narrows the session's selection)."""
     return tuple(method for method in selected if method in wanted)
+
+
+def who_chooses(metafunc: Any, *, ours: str) -> str | None:
+    """Who else picks a test's ``mp_start_method``, or None when procsafe does.
+
+    Not procsafe when the test parametrizes it itself, or a conftest (or another plugin)
+    overrides the fixture, like anyio's ``anyio_backend``. pytest has no public API to ask
+    which fixture definition applies to a test, so this reads ``Metafunc._arg2fixturedefs``
+    (as other fixture-parametrizing plugins do). *ours* is the module of procsafe's fixture.
+    """
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+        if isinstance(names, str):
+            names = [name.strip() for name in names.split(",")]
+        if "mp_start_method" in names:
+            return "the test's own parametrize"
+    defs = getattr(metafunc, "_arg2fixturedefs", {}).get("mp_start_method")
+    if not defs:
+        return "pytest itself (no fixture defines it)"
+    fixturedef = defs[-1]  # the closest definition wins
+    func = getattr(fixturedef, "func", None)
+    if getattr(func, "__module__", None) == ours:
+        return None
+    where = getattr(fixturedef, "baseid", "")
+    return f"the mp_start_method fixture of {where!r}" if where else "another plugin"

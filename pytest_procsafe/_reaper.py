@@ -21,19 +21,13 @@ from collections.abc import Collection
 from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
-from typing import Final
 from typing import Literal
 
+from pytest_procsafe import _escalate
 from pytest_procsafe._proctable import LINUX
 from pytest_procsafe._proctable import Proc
 from pytest_procsafe._proctable import descends
 from pytest_procsafe._proctable import same
-
-#: How long SIGKILLed processes may take to disappear before we give up on them.
-KILL_WAIT: Final = 5.0
-
-_SIGKILL: Final = getattr(signal, "SIGKILL", signal.SIGTERM)
-
 
 # --- Python-level owners of direct children -----------------------------------------------
 
@@ -220,10 +214,15 @@ def stop(
     actions: dict[int, Literal["killed", "reaped"]] = {
         pid: "killed" if pid in alive else "reaped" for pid in pids
     }
-    for proc in ordered:
-        send(proc, signal.SIGTERM, root)
-    left = running(wait_gone(ordered, grace, root, handles))
-    for proc in depth_order(left):
-        send(proc, _SIGKILL, root)
-    wait_gone(ordered, KILL_WAIT if left else 0.0, root, handles)
+    try:
+        _escalate.escalate(
+            ordered,
+            grace,
+            send=lambda proc, signum: send(proc, signum, root),
+            exited=lambda proc: not running([proc]),
+            # Wait for the whole set: a zombie grandchild is reaped once its parent died.
+            wait=lambda _, timeout: wait_gone(ordered, timeout, root, handles),
+        )
+    finally:
+        wait_gone(ordered, 0.0, root, handles)  # one last reap of those that had exited
     return actions

@@ -10,9 +10,9 @@ evidence the leak checks need to tell this run's ``/dev/shm`` entries from other
 
 * In the test process the wrapper keeps the names in `REGISTERED` (a dict: no I/O).
 * Fork children inherit the wrapper; it appends ``+``/``-`` lines to a log file instead.
-* Spawn and forkserver children get it through multiprocessing's preparation data (the
-  stowaway trick `_imports` uses): unpickling `_Stowaway` in the child installs the
-  wrapper, pointed at the same log, and passes it on to the child's own children.
+* Spawn and forkserver children get it as a rider of `_spawnhook`: unpickling `_Stowaway`
+  in the child installs the wrapper, pointed at the same log, and passes it on to the
+  child's own children.
 
 `Registrations` (the test process's side) reads the log only when the leak checks have
 a candidate. Runs inside workers: imports neither pytest nor the plugin.
@@ -21,7 +21,6 @@ a candidate. Runs inside workers: imports neither pytest nor the plugin.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import tempfile
 from collections.abc import Callable
@@ -29,8 +28,10 @@ from typing import Any
 from typing import Final
 from typing import final
 
-#: The key of procsafe's entry in multiprocessing's preparation data.
-KEY: Final = "pytest_procsafe_registrations"
+from pytest_procsafe import _spawnhook
+
+#: The name of the listener among `_spawnhook`'s riders.
+RIDER: Final = "registrations"
 KINDS: Final = ("shared_memory", "semaphore")
 
 #: POSIX name -> kind, registered by the test process and not unregistered since.
@@ -104,32 +105,17 @@ class _Stowaway:
 def _arrive(log: str) -> None:
     _STATE["log"], _STATE["root"] = log, None
     _listen()
-    _carry(log)
+    _carry()
 
 
-def _carry(log: str) -> Callable[[], None]:
+def _rider() -> _Stowaway | None:
+    log = _STATE["log"]
+    return None if log is None else _Stowaway(log)
+
+
+def _carry() -> Callable[[], None]:
     """Put a `_Stowaway` into every spawn/forkserver child's preparation data; the undo."""
-    from multiprocessing import spawn
-
-    wrapped = spawn.get_preparation_data
-    if getattr(wrapped, "_procsafe", False):
-        return lambda: None
-
-    @functools.wraps(wrapped)
-    def carrying(name: str) -> dict[str, Any]:
-        data = wrapped(name)
-        if _STATE["log"] is not None:
-            data[KEY] = _Stowaway(_STATE["log"])
-        return data
-
-    carrying._procsafe = True  # type: ignore[attr-defined]
-    spawn.get_preparation_data = carrying
-
-    def undo() -> None:
-        if spawn.get_preparation_data is carrying:
-            spawn.get_preparation_data = wrapped
-
-    return undo
+    return _spawnhook.carry(RIDER, _rider)
 
 
 @final
@@ -143,7 +129,7 @@ class Registrations:
         self._children: dict[str, str] = {}
         self._previous = dict(_STATE)  # a nested in-process run hands it back at close
         _STATE["log"], _STATE["root"] = self.path, os.getpid()
-        self._undo = [_listen(), _carry(self.path)]
+        self._undo = [_listen(), _carry()]
 
     def names(self) -> dict[str, str]:
         """POSIX name -> kind, for everything registered and not unregistered since."""

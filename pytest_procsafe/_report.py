@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from typing import Final
+from typing import Protocol
 from typing import final
 
 VERSION: Final = 1
@@ -197,3 +198,27 @@ class Report:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
+
+
+class Terminal(Protocol):
+    """What the summary writes to: pytest's terminal reporter."""
+
+    def section(self, title: str, sep: str = ..., **markup: bool) -> None: ...
+
+    def line(self, msg: str, **markup: bool) -> None: ...
+
+
+def write_summary(terminal: Terminal, report: Report, *, error: str | None, failed: bool) -> None:
+    """The terminal summary's ``procsafe`` section: nothing at all when the run was clean."""
+    lines = report.summary()
+    if not lines and error is None:
+        return
+    terminal.section("procsafe")
+    for line in lines:
+        terminal.line(line)
+    if error is not None:
+        terminal.line(error, red=True)
+    if failed:
+        terminal.line(
+            "procsafe: leaks outside tests (fixtures, the session) fail the run", red=True
+        )

@@ -43,6 +43,7 @@ from typing import Literal
 from typing import NamedTuple
 from typing import final
 
+from pytest_procsafe import _owned
 from pytest_procsafe._registrations import Registrations
 
 SegmentKind = Literal["shared_memory", "semaphore"]
@@ -125,12 +126,6 @@ def alive_semaphores() -> set[str]:
         if getattr(finalizer, "_callback", None) is cleanup and args:
             names.add(str(args[0]))
     return names
-
-
-def owned_segments() -> set[str]:
-    """Blocks procsafe's channels still own (module not imported: none)."""
-    owned = getattr(sys.modules.get("pytest_procsafe._shared"), "owned_segments", None)
-    return set(owned()) if callable(owned) else set()
 
 
 # --- who maps an entry ------------------------------------------------------------------
@@ -230,7 +225,7 @@ class SegmentWatch:
         entries = sorted(self._owned.pop(owner, None) or ())
         if not entries:
             return []
-        own, alive = owned_segments(), alive_semaphores()
+        own, alive = _owned.segments(), alive_semaphores()
         registered = self.registrations.names()
         uid = os.geteuid() if hasattr(os, "geteuid") else -1
         mine: list[Segment] = []

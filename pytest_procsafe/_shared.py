@@ -17,7 +17,7 @@ lock a dead sibling holds fails with `ChannelTimeout` instead of hanging until t
 stops it.
 
 Shared memory blocks need no wrapper (they travel by name); `SharedMemoryResource` closes
-and unlinks them at teardown. `owned_segments()` names the blocks still open so the leak
+and unlinks them at teardown; `_owned` knows the blocks still open, so the leak
 checks never report them.
 
 Imported inside workers (when an object is unpickled there): no pytest, no plugin.
@@ -38,7 +38,8 @@ from typing import TypeVar
 from typing import cast
 from typing import final
 
-from pytest_procsafe._outcomes import check_timeout
+from pytest_procsafe import _owned
+from pytest_procsafe import _seconds
 from pytest_procsafe._timeouts import DEFAULT
 from pytest_procsafe._timeouts import MISS
 from pytest_procsafe._timeouts import ChannelTimeout
@@ -47,15 +48,6 @@ from pytest_procsafe._timeouts import Token
 from pytest_procsafe._timeouts import Watch
 
 _R = TypeVar("_R")
-
-#: Names (with their leading slash) of the shared memory blocks `Channels` made and has
-#: not unlinked yet.
-_SEGMENTS: set[str] = set()
-
-
-def owned_segments() -> set[str]:
-    """Shared memory blocks procsafe still owns (the leak checks must not report them)."""
-    return set(_SEGMENTS)
 
 
 def check_typecode(typecode: object) -> None:
@@ -67,7 +59,7 @@ def check_typecode(typecode: object) -> None:
 
 
 def _limit(timeout: float | None) -> float | None:
-    return None if timeout is None else check_timeout("timeout", timeout)
+    return None if timeout is None else _seconds.check("timeout", timeout)
 
 
 class _Watched:
@@ -334,7 +326,7 @@ class SharedMemoryResource:
         self.label = label
         self._block = block
         self._name = _posix_name(block)
-        _SEGMENTS.add(self._name)
+        _owned.add_segment(self._name)
 
     def drain(self, *, force: bool) -> None:
         pass
@@ -348,7 +340,7 @@ class SharedMemoryResource:
             with contextlib.suppress(FileNotFoundError):  # the test unlinked it itself
                 self._block.unlink()
         finally:
-            _SEGMENTS.discard(self._name)
+            _owned.discard_segment(self._name)
         return []
 
 

@@ -23,6 +23,8 @@ from typing import TypeAlias
 from typing import TypeVar
 from typing import final
 
+from pytest_procsafe import _seconds
+
 _R = TypeVar("_R")
 
 #: How long one wait step lasts before the time and the workers are checked again.
@@ -101,13 +103,13 @@ class Watch:
             if elapsed >= limit:
                 source = "the procsafe timeout" if timeout is DEFAULT else "the timeout given"
                 raise ChannelTimeout(
-                    self.explain(f"{what} timed out after {seconds(limit)} ({source})")
+                    self.explain(f"{what} timed out after {_seconds.fmt(limit)} ({source})")
                 )
             # Senders first, then the channel: what an exited worker sent is readable now.
             if self._senders_gone() and stuck():
                 raise ChannelTimeout(
                     self.explain(
-                        f"{what} gave up after {seconds(elapsed)}: every worker of this test "
+                        f"{what} gave up after {_seconds.fmt(elapsed)}: every worker of this test "
                         f"has exited and {stuck_reason}, so it could never complete"
                     )
                 )

@@ -27,6 +27,7 @@ from typing import Final
 from typing import Literal
 from typing import final
 
+from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
 from pytest_procsafe._proctable import Proc
@@ -271,7 +272,7 @@ class Tracker:
         deep: dict[int, object] | None = None
         while True:
             shallow = _reaper.python_children()  # multiprocessing reaps its own first
-            machinery, owned = _machinery_pids(), _procsafe_owned()
+            machinery, owned = _machinery_pids(), _owned.pids()
             found: list[Found] = []
             waiting = False
             for entry in list(entries):
@@ -331,16 +332,6 @@ def _is_machinery(proc: Proc, pids: set[int], root: int) -> bool:
         return False
     # A forkserver's children are forks of it, with its command line: they are workers.
     return not _MACHINERY.search(" ".join(_proctable.cmdline(proc.ppid)))
-
-
-def _procsafe_owned() -> set[int]:
-    """Workers and managers procsafe's fixtures still own (modules not imported: none)."""
-    pids: set[int] = set()
-    for name in ("pytest_procsafe._workers", "pytest_procsafe._channels"):
-        owned = getattr(sys.modules.get(name), "owned_pids", None)
-        if callable(owned):
-            pids.update(owned())
-    return pids
 
 
 def detach(procs: Iterable[Proc]) -> None:

@@ -7,7 +7,7 @@ worker it also reads that pipe (``multiprocessing.connection.wait`` on the proce
 sentinel *and* the pipe), so a worker sending a large result never blocks on a full pipe
 while the parent waits for it to exit.
 
-One worker, its outcome and the wait loop live in `_outcomes`; this module holds the
+One worker, its outcome and the wait loop live in `_worker`; this module holds the
 group, its teardown and the registry of live groups. `WorkerGroup.close` is the teardown:
 join within the timeout, dump the stack of each worker still running (faulthandler on
 SIGUSR1 inside the child), terminate, kill after the grace, reap, and describe every
@@ -37,16 +37,19 @@ from typing import final
 
 from pytest_procsafe import _bootstrap
 from pytest_procsafe import _coverage
-from pytest_procsafe._outcomes import Worker
-from pytest_procsafe._outcomes import WorkerCrashed
-from pytest_procsafe._outcomes import WorkerError
-from pytest_procsafe._outcomes import WorkerTimeout
-from pytest_procsafe._outcomes import check_timeout
-from pytest_procsafe._outcomes import escalate
-from pytest_procsafe._outcomes import send_signal
-from pytest_procsafe._outcomes import wait_for
+from pytest_procsafe import _owned
+from pytest_procsafe import _seconds
 from pytest_procsafe._payload import Payload
 from pytest_procsafe._payload import PayloadError
+from pytest_procsafe._payload import describe
+from pytest_procsafe._worker import Limits
+from pytest_procsafe._worker import Worker
+from pytest_procsafe._worker import WorkerCrashed
+from pytest_procsafe._worker import WorkerError
+from pytest_procsafe._worker import WorkerTimeout
+from pytest_procsafe._worker import send_signal
+from pytest_procsafe._worker import stop_workers
+from pytest_procsafe._worker import wait_for
 
 __all__ = [
     "Worker",
@@ -54,7 +57,6 @@ __all__ = [
     "WorkerError",
     "WorkerGroup",
     "WorkerTimeout",
-    "owned_pids",
     "stop_all",
 ]
 
@@ -67,12 +69,7 @@ _STACK_SIGNAL: Final = getattr(signal, "SIGUSR1", None)
 _LIVE: set[WorkerGroup] = set()
 
 
-def owned_pids() -> set[int]:
-    """Pids of the workers every open group still answers for (the leak checks skip them)."""
-    return {pid for group in list(_LIVE) for pid in group.owned_pids()}
-
-
-def stop_all(grace: float, *, since: float | None = None) -> None:
+def stop_all(grace: float, since: float | None = None) -> None:
     """Stop every live worker of every open group: terminate, kill after *grace*, reap.
 
     With *since* (a ``time.monotonic()`` value), only groups made from then on: a pytest
@@ -83,13 +80,20 @@ def stop_all(grace: float, *, since: float | None = None) -> None:
     groups = [group for group in _LIVE if since is None or group.created >= since]
     workers = [w for group in groups for w in group.workers if w.process.exitcode is None]
     for worker in workers:
-        worker._stopped = True
+        worker.mark_stopped()
+    pumps = [pump for pump in (group.pumper() for group in groups) if pump is not None]
 
-    def pump() -> None:
-        for group in groups:
-            group._pump()
+    def pump_all() -> None:
+        for pump in pumps:
+            pump()
 
-    escalate(workers, grace, pump=pump if any(group._pumps for group in groups) else None)
+    stop_workers(workers, grace, pump=pump_all if pumps else None)
+    for worker in workers:
+        if worker.process.exitcode is not None:
+            _owned.discard_pid(worker.pid)
+
+
+_owned.on_stop(stop_all)
 
 
 @final
@@ -105,13 +109,17 @@ class WorkerGroup:
         kill_grace: float,
         owner: str,
     ) -> None:
-        check_timeout("timeout", timeout, allow_zero=False)
-        check_timeout("kill_grace", kill_grace, allow_zero=True)
+        self._limits = Limits(
+            start_method=start_method,
+            owner=owner,
+            timeout=_seconds.check("timeout", timeout, allow_zero=False),
+            kill_grace=_seconds.check("kill_grace", kill_grace, allow_zero=True),
+        )
         self._context = context
-        self.start_method = start_method
-        self.timeout = float(timeout)
-        self.kill_grace = float(kill_grace)
-        self.owner = owner
+        self.start_method: Final = start_method
+        self.timeout: Final = self._limits.timeout
+        self.kill_grace: Final = self._limits.kill_grace
+        self.owner: Final = owner
         self._workers: list[Worker] = []
         self._pumps: list[Callable[[], object]] = []
         self._pump_errors: list[str] = []
@@ -177,8 +185,9 @@ class WorkerGroup:
             raise
         finally:
             writer.close()  # the child has its copy; ours would hide the child's EOF
-        worker = Worker(self, process, reader, name, stack_file)
+        worker = Worker(process, reader, name, stack_file, limits=self._limits, pumper=self.pumper)
         self._workers.append(worker)
+        _owned.add_pid(worker.pid, _owned.WORKER)
         return worker
 
     def _coverage_plan(self) -> _coverage.Plan | None:
@@ -200,18 +209,22 @@ class WorkerGroup:
     def join_all(self, timeout: float | None = None) -> None:
         """Wait for every worker to exit; raise `WorkerTimeout` naming those still running."""
         __tracebackhide__ = True  # pytest shows the caller's line, not ours
-        limit = self.timeout if timeout is None else check_timeout("timeout", timeout)
-        wait_for(self._workers, limit, pump=self._pumper())
+        limit = self.timeout if timeout is None else _seconds.check("timeout", timeout)
+        wait_for(self._workers, limit, pump=self.pumper())
         running = [worker for worker in self._workers if worker.process.exitcode is None]
         if running:
             if timeout is None:
                 for worker in running:
-                    worker._overdue = True
+                    worker.mark_overdue()
             names = ", ".join(f"{worker.name!r} pid {worker.pid}" for worker in running)
             raise WorkerTimeout(
                 f"{len(running)} of {len(self._workers)} workers ({self.start_method}) of "
                 f"{self.owner} still running after {limit:g}s: {names}"
             )
+
+    def all_exited(self) -> bool:
+        """Whether workers were started and every one of them has exited."""
+        return bool(self._workers) and all(w.process.exitcode is not None for w in self._workers)
 
     def add_pump(self, pump: Callable[[], object]) -> None:
         """Call *pump* every few ms while waiting for workers (channels drain themselves)."""
@@ -222,12 +235,6 @@ class WorkerGroup:
     def diagnose(self) -> str:
         """One line per worker saying what it is doing; empty when none was started."""
         return "\n".join(worker.diagnosis() for worker in self._workers)
-
-    def owned_pids(self) -> set[int]:
-        """Pids of the workers this group still answers for (the leak checks skip them)."""
-        if self._problems is None:
-            return {worker.pid for worker in self._workers}
-        return {worker.pid for worker in self._workers if worker.process.exitcode is None}
 
     def close(self) -> list[str]:
         """Tear the workers down; return one problem text per worker that went wrong.
@@ -243,11 +250,11 @@ class WorkerGroup:
         try:
             # A worker that already used up a full default timeout in join()/result() gets
             # no second one: a hung test then takes about timeout + grace, not twice that.
-            waiting = [worker for worker in self._workers if not worker._overdue]
-            wait_for(waiting, self.timeout, pump=self._pumper())
+            waiting = [worker for worker in self._workers if not worker.overdue]
+            wait_for(waiting, self.timeout, pump=self.pumper())
             hung = [worker for worker in self._workers if worker.process.exitcode is None]
             stacks = self._capture_stacks(hung)
-            killed = escalate(hung, self.kill_grace, pump=self._pumper())
+            killed = stop_workers(hung, self.kill_grace, pump=self.pumper())
             for worker in self._workers:
                 if worker in hung:
                     problems.append(
@@ -264,11 +271,13 @@ class WorkerGroup:
         finally:
             for worker in self._workers:
                 worker.release()
+                if worker.process.exitcode is not None:  # else it is still ours to stop
+                    _owned.discard_pid(worker.pid)
             _LIVE.discard(self)
             self._problems = problems
         return list(problems)
 
-    def _pumper(self) -> Callable[[], None] | None:
+    def pumper(self) -> Callable[[], None] | None:
         """What waits should call between checks: None when there is nothing to pump."""
         return self._pump if self._pumps else None
 
@@ -292,8 +301,7 @@ class WorkerGroup:
                     "worker names must be unique within a test (or leave name out)"
                 )
             return name
-        inner = getattr(target, "func", target)  # functools.partial: name what it wraps
-        base = getattr(inner, "__name__", None) or type(target).__name__
+        base = describe(target).rpartition(".")[2]  # "test_x.<locals>.work": "work"
         while True:
             self._counters[base] = self._counters.get(base, 0) + 1
             candidate = f"{base}-{self._counters[base]}"

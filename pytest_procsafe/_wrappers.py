@@ -28,15 +28,14 @@ from typing import Literal
 from typing import TypeAlias
 from typing import final
 
+from pytest_procsafe import _seconds
 from pytest_procsafe._frames import Skipper
-from pytest_procsafe._outcomes import check_timeout
 from pytest_procsafe._timeouts import DEFAULT
 from pytest_procsafe._timeouts import MISS
 from pytest_procsafe._timeouts import STEP
 from pytest_procsafe._timeouts import Timeout
 from pytest_procsafe._timeouts import Token
 from pytest_procsafe._timeouts import Watch
-from pytest_procsafe._timeouts import seconds
 
 if TYPE_CHECKING:
     import threading
@@ -167,7 +166,7 @@ class ProcsafeConnection:
         __tracebackhide__ = True
         if timeout is None:
             return  # explicitly unbounded: the plain blocking read
-        limit = timeout if timeout is DEFAULT else check_timeout("timeout", timeout)
+        limit = timeout if timeout is DEFAULT else _seconds.check("timeout", timeout)
 
         def attempt(step: float) -> Literal[Token.MISS] | None:
             return None if self._poll(step) else MISS
@@ -349,7 +348,7 @@ class ProcsafeQueue(_QueueBase):
                 self.cancel_join_thread()
                 problems.append(
                     f"{self._procsafe_label}: its feeder thread did not finish writing "
-                    f"within {seconds(timeout)}"
+                    f"within {_seconds.fmt(timeout)}"
                 )
             else:
                 self.join_thread()
@@ -373,7 +372,7 @@ class ProcsafeJoinableQueue(ProcsafeQueue, _JoinableBase):
         __tracebackhide__ = True
         if timeout is None:
             return super().join()
-        limit = timeout if timeout is DEFAULT else check_timeout("timeout", timeout)
+        limit = timeout if timeout is DEFAULT else _seconds.check("timeout", timeout)
         cond = self._cond
         unfinished = self._unfinished_tasks._semlock
 

@@ -22,6 +22,7 @@ from pytest_procsafe import _imports
 from pytest_procsafe import _leaks
 from pytest_procsafe import _methods
 from pytest_procsafe import _report
+from pytest_procsafe import _sigterm
 
 if TYPE_CHECKING:
     # Imported by the fixtures that need them: a run that starts no worker does not pay
@@ -34,60 +35,26 @@ if TYPE_CHECKING:
     from pytest_procsafe._wrappers import ProcsafeConnection
     from pytest_procsafe._wrappers import ProcsafeQueue
 
-_METAVARS: Final = {
-    "leaks": "MODE",
-    "start_methods": "METHODS",
-    "timeout": "SECONDS",
-    "kill_grace": "SECONDS",
-    "cleanup": "POLICY",
-    "report": "PATH",
-}
-
-_HELP: Final = {
-    "leaks": (
-        "What to do about processes, zombies and orphans a test leaves behind: "
-        "fail, warn or off (default: warn)"
-    ),
-    "start_methods": (
-        "Start methods to run the mp_* fixtures under: a comma- or space-separated subset "
-        "of fork, spawn, forkserver, or all (default: all this platform has)"
-    ),
-    "timeout": "Seconds any procsafe wait may block before it fails, > 0 (default: 30)",
-    "kill_grace": ("Seconds between terminating a process and killing it, >= 0 (default: 2)"),
-    "cleanup": (
-        "When leaked processes are stopped: auto, kill (right after the report), "
-        "session (at session end) or keep (never); auto is kill under leaks=fail and "
-        "session under leaks=warn"
-    ),
-    "ignore": (
-        "Regular expression searched in a process's command line (or a leaked shared "
-        "memory segment's or semaphore's name); matches are never reported (repeatable)"
-    ),
-    "report": "Write a JSON report of the leaks found to this path",
-}
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("procsafe", "process safety (pytest-procsafe)")
-    for name, text in _HELP.items():
-        flag = "--procsafe-" + name.replace("_", "-")
-        if name == "ignore":
+    for option in _config.OPTIONS:
+        text = option.help_text()
+        if option.repeatable:
             group.addoption(
-                flag,
+                option.flag,
                 action="append",
-                dest="procsafe_ignore",
+                dest=option.ini,
                 default=None,
-                metavar="REGEX",
+                metavar=option.metavar,
                 help=text,
             )
-            parser.addini(
-                "procsafe_ignore", text + " (one per line)", type="linelist", default=None
-            )
+            parser.addini(option.ini, text + " (one per line)", type="linelist", default=None)
         else:
             group.addoption(
-                flag, dest="procsafe_" + name, default=None, metavar=_METAVARS[name], help=text
+                option.flag, dest=option.ini, default=None, metavar=option.metavar, help=text
             )
-            parser.addini("procsafe_" + name, text, default=None)
+            parser.addini(option.ini, text, default=None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -106,8 +73,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
     # xdist workers inherit the controller's options; only the controller writes the
     # report, so only it needs the report path checked.
-    is_worker = hasattr(config, "workerinput")
-    config.stash[_config.SETTINGS_KEY] = _config.resolve(cli, ini, check_report=not is_worker)
+    config.stash[_config.SETTINGS_KEY] = _config.resolve(
+        cli, ini, check_report=not _config.is_xdist_worker(config)
+    )
     _configure_workers(config)
     _configure_leaks(config)
 
@@ -126,7 +94,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     except _config.SettingError as exc:
         # A collection error naming the keyword; the message is the whole story.
         pytest.fail(str(exc), pytrace=False)
-    if "mp_start_method" not in metafunc.fixturenames or not _uses_our_start_method(metafunc):
+    if "mp_start_method" not in metafunc.fixturenames:
+        return
+    whose = _methods.who_chooses(metafunc, ours=__name__)
+    if whose is not None:
+        if wanted is not None:
+            metafunc.definition.warn(
+                pytest.PytestConfigWarning(
+                    f"procsafe: @pytest.mark.procsafe(start_methods=...) on "
+                    f"{metafunc.definition.nodeid} has no effect: {whose} chooses its "
+                    f"mp_start_method ({', '.join(wanted)} asked for)"
+                )
+            )
         return
     methods = base.start_methods
     if wanted is not None:
@@ -143,25 +122,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="no-start-method")],
         indirect=True,
     )
-
-
-def _uses_our_start_method(metafunc: pytest.Metafunc) -> bool:
-    """False when a conftest overrides ``mp_start_method`` or the test parametrizes it.
-
-    pytest has no public API to ask which fixture definition applies to a test, so this
-    reads ``Metafunc._arg2fixturedefs`` (as other fixture-parametrizing plugins do).
-    """
-    for mark in metafunc.definition.iter_markers("parametrize"):
-        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
-        if isinstance(names, str):
-            names = [name.strip() for name in names.split(",")]
-        if "mp_start_method" in names:
-            return False
-    defs = getattr(metafunc, "_arg2fixturedefs", {}).get("mp_start_method")
-    if not defs:
-        return False
-    func = getattr(defs[-1], "func", None)
-    return getattr(func, "__module__", None) == __name__
 
 
 @pytest.fixture
@@ -286,29 +246,15 @@ def mp_channels(
     item = request.node
     assert isinstance(item, pytest.Item)
     settings = _config.item_settings(item)
-    group = mp_process
-
-    def workers_done() -> bool:
-        workers = group.workers
-        return bool(workers) and all(w.process.exitcode is not None for w in workers)
-
     channels = Channels(
         mp_context,
         timeout=settings.timeout,
         kill_grace=settings.kill_grace,
-        diagnose=group.diagnose,
-        workers_done=workers_done,
+        diagnose=mp_process.diagnose,
+        workers_done=mp_process.all_exited,
     )
     yield channels
-    try:
-        # Drain first and while the workers are joined: a worker blocked writing (or
-        # flushing its queue as it exits) finishes only once someone reads. Only now:
-        # during the test, a join must not swallow what the test still means to read.
-        channels.drain()
-        group.add_pump(channels.drain)
-        group.close()  # idempotent; mp_process's own teardown reports its problems
-    finally:
-        problems = channels.close()
+    problems = channels.teardown(mp_process)
     if problems:
         _fail_teardown(request, problems)
 
@@ -346,12 +292,12 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def _configure_leaks(config: pytest.Config) -> None:
     settings = _config.session_settings(config)
     checks = _leaks.LeakChecks(
-        settings, config.hook, write_report=not hasattr(config, "workerinput")
+        settings, config.hook, write_report=not _config.is_xdist_worker(config)
     )
     config.stash[_LEAKS_KEY] = checks
     config.add_cleanup(checks.close)
     # Whatever the mode: procsafe's own workers must not outlive a SIGTERMed pytest.
-    config.add_cleanup(_leaks.on_sigterm(checks.emergency))
+    config.add_cleanup(_sigterm.on_sigterm(checks.emergency))
     config.pluginmanager.register(_LeakSessionHooks(checks), "procsafe-leak-session")
     if settings.leaks != "off":
         _start_leak_checks(config, checks)
@@ -411,20 +357,10 @@ class _LeakSessionHooks:
         self.checks.add_worker_output(worker, output)
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        lines = self.checks.report.summary()
-        error = self.checks.report_error
-        if not lines and error is None:
-            return
-        terminalreporter.section("procsafe")
-        for line in lines:
-            terminalreporter.line(line)
-        if error is not None:
-            terminalreporter.line(error, red=True)
-        if self.checks.failed:
-            terminalreporter.line(
-                "procsafe: leaks outside tests (fixtures, the session) fail the run",
-                red=True,
-            )
+        checks = self.checks
+        _report.write_summary(
+            terminalreporter, checks.report, error=checks.report_error, failed=checks.failed
+        )
 
 
 @final

@@ -204,7 +204,7 @@ def test_xdist_coverage_example_measures_the_pool_children(
 def test_docs_and_readme_name_every_option_with_its_default() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     options = (DOCS / "reference" / "options.md").read_text(encoding="utf-8")
-    for name in plugin._HELP:
+    for name in (option.name for option in _config.OPTIONS):
         flag = "--procsafe-" + name.replace("_", "-")
         assert f"`{flag}`" in options, name
         assert f"`procsafe_{name}`" in options, name

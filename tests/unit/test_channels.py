@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 import pytest_procsafe
-from pytest_procsafe import _channels
+from pytest_procsafe import _owned
 from pytest_procsafe._channels import Channels
 from pytest_procsafe._frames import Skipper
 from pytest_procsafe._timeouts import ChannelTimeout
@@ -431,10 +431,10 @@ def test_a_manager_serves_children_and_is_shut_down(lab: Lab) -> None:
     worker.join(PROMPTLY)
     assert list(shared) == [worker.pid]
     process = manager._process  # type: ignore[attr-defined]
-    assert process.pid in _channels.owned_pids()
+    assert process.pid in _owned.pids(_owned.MANAGER)
     assert channels.close() == []
     assert process.exitcode == 0  # it stopped on request
-    assert process.pid not in _channels.owned_pids()
+    assert process.pid not in _owned.pids(_owned.MANAGER)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
@@ -454,7 +454,7 @@ def test_a_manager_that_does_not_answer_is_killed(lab: Lab) -> None:
         "(the shutdown request failed: the manager did not answer); killed"
     ]
     assert process.exitcode == -signal.SIGKILL
-    assert process.pid not in _channels.owned_pids()
+    assert process.pid not in _owned.pids(_owned.MANAGER)
 
 
 # --- the factory itself -------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from pytest_procsafe import _imports
+from pytest_procsafe import _spawnhook
 from pytest_procsafe._imports import Entry
 
 WAIT = 60.0  # generous: only a broken child ever takes this long
@@ -145,6 +146,7 @@ def test_the_finder_builds_specs_for_modules_packages_and_namespaces(tmp_path: P
 # --- preparation data -------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("fresh_spawnhook")
 def test_install_adds_a_stowaway_and_uninstall_restores(monkeypatch: pytest.MonkeyPatch) -> None:
     def base(name: str) -> dict[str, Any]:
         return {"name": name}
@@ -153,7 +155,7 @@ def test_install_adds_a_stowaway_and_uninstall_restores(monkeypatch: pytest.Monk
     uninstall = _imports.install()
     data = spawn.get_preparation_data("x")
     assert data["name"] == "x"
-    state = data[_imports.KEY].__getstate__()
+    state = data[_spawnhook.KEY][_imports.RIDER].__getstate__()
     assert state["entries"][__name__] == (__file__, None)
 
     uninstall()
@@ -161,56 +163,19 @@ def test_install_adds_a_stowaway_and_uninstall_restores(monkeypatch: pytest.Monk
     assert spawn.get_preparation_data is base
 
 
-def test_a_nested_install_undoes_only_itself(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A pytest run nested in a test (pytester inline) installs over the outer run's hook.
-    def base(name: str) -> dict[str, Any]:
-        return {"name": name}
-
-    monkeypatch.setattr(spawn, "get_preparation_data", base)
-    uninstall_outer = _imports.install()
-    outer = spawn.get_preparation_data
-    uninstall_inner = _imports.install()
-
-    uninstall_inner()
-
-    assert spawn.get_preparation_data is outer
-    assert _imports.KEY in spawn.get_preparation_data("z")
-    uninstall_outer()
-    assert spawn.get_preparation_data is base
-
-
-def test_uninstall_under_a_later_wrapper_switches_ours_off(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    def base(name: str) -> dict[str, Any]:
-        return {"name": name}
-
-    monkeypatch.setattr(spawn, "get_preparation_data", base)
-    uninstall = _imports.install()
-    ours = spawn.get_preparation_data
-
-    def later(name: str) -> dict[str, Any]:  # coverage wraps the same way
-        data = ours(name)
-        data["later"] = True
-        return data
-
-    monkeypatch.setattr(spawn, "get_preparation_data", later)
-    uninstall()
-
-    assert spawn.get_preparation_data("y") == {"name": "y", "later": True}
-
-
 def test_the_stowaway_is_cheap_until_pickled_and_unpickles_into_a_finder(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     installed: list[dict[str, Entry]] = []
     monkeypatch.setattr(_imports, "install_finder", installed.append)
-    monkeypatch.setattr(_imports, "_wrapped_here", lambda: True)
+    carried: list[str] = []
+    monkeypatch.setattr(_imports, "install", lambda: carried.append("again"))
     stowaway = _imports._Stowaway()
 
     pickle.loads(pickle.dumps(stowaway))
 
     assert installed[0][__name__] == Entry(__file__, None)
+    assert carried == ["again"]  # the child passes it on to its own children
 
 
 # --- real children ----------------------------------------------------------------------

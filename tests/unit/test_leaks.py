@@ -29,9 +29,9 @@ from leakkit import wait_until
 
 from pytest_procsafe import LeakedProcess
 from pytest_procsafe import ProcessLeakWarning
-from pytest_procsafe import _channels
-from pytest_procsafe import _leaks
+from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
+from pytest_procsafe import _sigterm
 from pytest_procsafe._config import Settings
 from pytest_procsafe._leaks import LeakChecks
 from pytest_procsafe._tracker import Owner
@@ -177,7 +177,7 @@ def test_a_tree_is_leaked_below_its_root_and_a_thread_child_is_seen(
     assert kinds == [("leaked", False), ("leaked", True), ("leaked", True)]
 
 
-def test_what_is_not_a_leak(kids: Kids, tracker: Tracker, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_what_is_not_a_leak(kids: Kids, tracker: Tracker) -> None:
     owner, later = Owner("t", "test"), Owner("session", "session")
     # An orphan that finished, a multiprocessing child terminated but never joined, the
     # forkserver, and a manager procsafe's fixtures still own.
@@ -190,12 +190,15 @@ def test_what_is_not_a_leak(kids: Kids, tracker: Tracker, monkeypatch: pytest.Mo
     joined.start()
     joined.join(WAIT)
     owned = kids.sleeper().pid
-    monkeypatch.setattr(_channels, "owned_pids", lambda: {owned})
-    tracker.observe(owner, "call")
-    assert tracker.classify(tracker.take(owner), later=later) == []
-    assert _proctable.stat(done) is None  # reaped, quietly
-    assert process.exitcode == -signal.SIGTERM  # multiprocessing reaped its own
-    assert [entry.proc.pid for entry in tracker.take(later)] == [owned]
+    _owned.add_pid(owned, _owned.MANAGER)
+    try:
+        tracker.observe(owner, "call")
+        assert tracker.classify(tracker.take(owner), later=later) == []
+        assert _proctable.stat(done) is None  # reaped, quietly
+        assert process.exitcode == -signal.SIGTERM  # multiprocessing reaped its own
+        assert [entry.proc.pid for entry in tracker.take(later)] == [owned]
+    finally:
+        _owned.discard_pid(owned)
 
 
 # --- one session's checks: modes, cleanup, reports ----------------------------------------
@@ -338,7 +341,7 @@ def test_sigterm_runs_the_cleanup_and_chains_the_previous_handler() -> None:
 
     old = signal.signal(signal.SIGTERM, previous)
     try:
-        undo = _leaks.on_sigterm(lambda: calls.append("cleanup"))
+        undo = _sigterm.on_sigterm(lambda: calls.append("cleanup"))
         try:
             # A forked child gets the previous disposition back, not the cleanup.
             pid = os.fork()

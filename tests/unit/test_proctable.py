@@ -19,6 +19,7 @@ from leakkit import Kids
 from leakkit import proc
 from leakkit import wait_until
 
+from pytest_procsafe import _escalate
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
 from pytest_procsafe._proctable import ProcTable
@@ -266,7 +267,7 @@ def test_stop_takes_children_before_parents_and_kills_after_the_grace(kids: Kids
     started = time.monotonic()
     actions = _reaper.stop(tree, 0.2, ROOT)
     # The shell ignores SIGTERM: it is killed after the grace, not after KILL_WAIT.
-    assert time.monotonic() - started < _reaper.KILL_WAIT
+    assert time.monotonic() - started < _escalate.KILL_WAIT
     assert actions == dict.fromkeys((p.pid for p in tree), "killed")
     assert shell.wait(WAIT) == -signal.SIGKILL
     assert all(_proctable.same(p) is None for p in tree)

@@ -15,6 +15,7 @@ import pytest
 import segment_targets
 
 from pytest_procsafe import _methods
+from pytest_procsafe import _owned
 from pytest_procsafe import _registrations
 from pytest_procsafe import _segments
 from pytest_procsafe._segments import SegmentWatch
@@ -96,7 +97,7 @@ def test_a_block_unlinked_in_time_and_channels_blocks_are_not_leaks(
         assert watch.take(owner, tree) == []  # gone: nothing to say
     finally:
         assert owned.close() == []
-    assert _segments.owned_segments() == set()
+    assert _owned.segments() == set()
 
 
 def test_a_semaphore_alive_here_is_not_a_leak(watch: SegmentWatch) -> None:

@@ -12,7 +12,7 @@ worker's exit.
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
 import os
 import pickle
 import signal
@@ -23,11 +23,12 @@ from collections.abc import Sequence
 from multiprocessing import connection
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING
 from typing import Any
 from typing import Final
 from typing import final
 
+from pytest_procsafe import _escalate
+from pytest_procsafe import _seconds
 from pytest_procsafe._bootstrap import ERROR
 from pytest_procsafe._bootstrap import EXIT
 from pytest_procsafe._bootstrap import LOAD_FAILED
@@ -35,16 +36,14 @@ from pytest_procsafe._bootstrap import UNPICKLABLE
 from pytest_procsafe._bootstrap import VALUE
 from pytest_procsafe._bootstrap import Outcome
 
-if TYPE_CHECKING:
-    from pytest_procsafe._workers import WorkerGroup
+#: What waits of a worker call between checks: the group's current pump, or None.
+Pumper = Callable[[], "Callable[[], None] | None"]
 
 #: How often waits wake up to run the pumps, when there are any.
 PUMP_INTERVAL: Final = 0.03
 #: How often waits look for an exit the sentinel did not signal: a grandchild the worker
 #: forked holds the sentinel's write end, so it stays silent after the worker exited.
 EXIT_POLL: Final = 0.1
-#: How long a SIGKILLed worker may take to be reaped before we give up on it.
-KILL_WAIT: Final = 5.0
 
 _NOT_LOOKED_AT: Final = "and the test never called result() nor read exitcode"
 
@@ -81,20 +80,6 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.text.rstrip()}\n"""'
 
 
-def check_timeout(what: str, value: object, *, allow_zero: bool = True) -> float:
-    """*value* as seconds, or a ValueError naming *what* and the allowed values."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or math.isnan(value)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
-        allowed = "a number of seconds >= 0" if allow_zero else "a number of seconds > 0"
-        raise ValueError(f"{what} must be {allowed}, got {value!r}")
-    return float(value)
-
-
 def exit_status(code: int) -> str:
     """ "exited with code 3" or "was killed by SIGKILL" for a multiprocessing exit code."""
     if code >= 0:
@@ -119,11 +104,11 @@ def wait_for(
     """
     deadline = time.monotonic() + timeout
     while True:
-        pending = [worker for worker in workers if not worker._settled(for_outcome)]
+        pending = [worker for worker in workers if not worker.settled(for_outcome)]
         remaining = deadline - time.monotonic()
         if not pending or remaining <= 0:
             return
-        waitables: list[Any] = [obj for worker in pending for obj in worker._waitables()]
+        waitables: list[Any] = [obj for worker in pending for obj in worker.waitables()]
         if not waitables:
             continue  # they exited since _settled looked: look again, do not sleep
         connection.wait(waitables, min(remaining, PUMP_INTERVAL if pump else EXIT_POLL))
@@ -139,29 +124,41 @@ _KILL: Final = os.kill
 
 def send_signal(worker: Worker, signum: int) -> None:
     """Send *signum* to *worker* unless it has been reaped (then its pid is not ours)."""
-    if worker.process.exitcode is None:
-        with contextlib.suppress(ProcessLookupError):
-            _KILL(worker.pid, signum)
+    if worker.process.exitcode is not None:
+        return
+    if sys.platform == "win32":  # no signals there: multiprocessing's own calls
+        if signum == _escalate.SIGTERM:
+            worker.process.terminate()
+        else:
+            worker.process.kill()
+        return
+    with contextlib.suppress(ProcessLookupError):
+        _KILL(worker.pid, signum)
 
 
-def escalate(
+def stop_workers(
     workers: Sequence[Worker], grace: float, *, pump: Callable[[], None] | None = None
 ) -> list[Worker]:
     """Terminate *workers*, kill those alive after *grace*, reap; return the ones killed."""
-    for worker in workers:
-        if sys.platform == "win32":
-            worker.process.terminate()
-        else:
-            send_signal(worker, signal.SIGTERM)
-    wait_for(workers, grace, pump=pump)
-    killed = [worker for worker in workers if worker.process.exitcode is None]
-    for worker in killed:
-        if sys.platform == "win32":
-            worker.process.kill()
-        else:
-            send_signal(worker, signal.SIGKILL)
-    wait_for(killed, KILL_WAIT, pump=pump)
-    return killed
+    return _escalate.escalate(
+        workers,
+        grace,
+        send=send_signal,
+        exited=lambda worker: worker.process.exitcode is not None,
+        wait=lambda pending, timeout: wait_for(pending, timeout, pump=pump),
+    )
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What a worker needs to know of its group: the method, its owner, the timeouts."""
+
+    start_method: str
+    #: The owning test's node id, for messages.
+    owner: str
+    timeout: float
+    kill_grace: float
 
 
 @final
@@ -170,14 +167,17 @@ class Worker:
 
     def __init__(
         self,
-        group: WorkerGroup,
         process: BaseProcess,
         reader: Connection,
         name: str,
         stack_file: str | None,
+        *,
+        limits: Limits,
+        pumper: Pumper,
     ) -> None:
         assert process.pid is not None, "the process must be started"
-        self._group = group
+        self._limits = limits
+        self._pumper = pumper
         self._process = process
         self._reader: Connection | None = reader
         self._outcome: Outcome | None = None
@@ -188,6 +188,25 @@ class Worker:
         self.name: Final = name
         self.pid: Final[int] = process.pid
         self.stack_file: Final = stack_file
+
+    @property
+    def stopped(self) -> bool:
+        """Whether procsafe or the test stopped it (a stopped worker has not crashed)."""
+        return self._stopped
+
+    def mark_stopped(self) -> None:
+        """It is being stopped on purpose: its exit is not reported as a crash."""
+        if self._process.exitcode is None:
+            self._stopped = True
+
+    @property
+    def overdue(self) -> bool:
+        """Whether a wait with the default timeout already ran out for it."""
+        return self._overdue
+
+    def mark_overdue(self) -> None:
+        """A full default timeout was spent waiting for it: teardown does not wait again."""
+        self._overdue = True
 
     @property
     def process(self) -> BaseProcess:
@@ -216,10 +235,10 @@ class Worker:
         """Wait for the worker to exit; raise `WorkerTimeout` if it is still running."""
         __tracebackhide__ = True  # pytest shows the caller's line, not ours
         limit = self._limit(timeout)
-        wait_for([self], limit, pump=self._group._pumper())
+        wait_for([self], limit, pump=self._pumper())
         if self._process.exitcode is None:
             self._overdue = self._overdue or timeout is None
-            raise WorkerTimeout(f"{self.label()} of {self._group.owner} {self._running(limit)}")
+            raise WorkerTimeout(f"{self.label()} of {self._limits.owner} {self._running(limit)}")
 
     def result(self, timeout: float | None = None) -> Any:
         """The target's return value, once the worker hands it back.
@@ -234,14 +253,14 @@ class Worker:
         """
         __tracebackhide__ = True  # pytest shows the caller's line, not ours
         limit = self._limit(timeout)
-        wait_for([self], limit, pump=self._group._pumper(), for_outcome=True)
+        wait_for([self], limit, pump=self._pumper(), for_outcome=True)
         outcome = self._outcome
         label = self.label()
         if outcome is None:
             code = self._process.exitcode
             if code is None:
                 self._overdue = self._overdue or timeout is None
-                raise WorkerTimeout(f"{label} of {self._group.owner} {self._running(limit)}")
+                raise WorkerTimeout(f"{label} of {self._limits.owner} {self._running(limit)}")
             self._observed = True
             hint = " (did the target call os._exit()?)" if code == 0 else ""
             by = " after the test stopped it" if self._stopped else ""
@@ -257,14 +276,14 @@ class Worker:
         A worker stopped this way is not reported as crashed at teardown.
         """
         __tracebackhide__ = True  # pytest shows the caller's line, not ours
-        limit = self._group.kill_grace if grace is None else check_timeout("grace", grace)
+        limit = self._limits.kill_grace if grace is None else _seconds.check("grace", grace)
         if self._process.exitcode is None:
             self._stopped = True
-        escalate([self], limit, pump=self._group._pumper())
+        stop_workers([self], limit, pump=self._pumper())
 
     def label(self) -> str:
         """``worker 'name' (pid N, method)``, for messages."""
-        return f"worker {self.name!r} (pid {self.pid}, {self._group.start_method})"
+        return f"worker {self.name!r} (pid {self.pid}, {self._limits.start_method})"
 
     def diagnosis(self) -> str:
         """One line saying what the worker is doing or how it ended (never blocks)."""
@@ -347,18 +366,20 @@ class Worker:
         return f"raised {outcome.summary}"
 
     def _limit(self, timeout: float | None) -> float:
-        return self._group.timeout if timeout is None else check_timeout("timeout", timeout)
+        return self._limits.timeout if timeout is None else _seconds.check("timeout", timeout)
 
     def _running(self, limit: float) -> str:
         return f"is still running after {limit:g}s (teardown shows where it is stuck)"
 
-    def _settled(self, for_outcome: bool) -> bool:
+    def settled(self, for_outcome: bool = False) -> bool:
+        """Whether it exited (or, *for_outcome*, handed back its outcome)."""
         self._collect()
         if for_outcome and self._outcome is not None:
             return True
         return self._process.exitcode is not None
 
-    def _waitables(self) -> list[Any]:
+    def waitables(self) -> list[Any]:
+        """What `wait_for` waits on: the sentinel while running, the result pipe while open."""
         waitables: list[Any] = []
         if self._process.exitcode is None:
             waitables.append(self._process.sentinel)
@@ -389,4 +410,4 @@ class Worker:
     def __repr__(self) -> str:
         code = self._process.exitcode
         state = "running" if code is None else exit_status(code)
-        return f"<Worker {self.name!r} pid={self.pid} {self._group.start_method} {state}>"
+        return f"<Worker {self.name!r} pid={self.pid} {self._limits.start_method} {state}>"

@@ -1,0 +1,66 @@
+"""The one terminate -> grace -> kill -> reap routine, for every kind of process handle.
+
+procsafe stops three kinds of things: its workers (`Worker`, waited on through their
+result pipes and sentinels, with the channels pumped meanwhile), the processes a test
+leaked (`Proc` records of the process table, signalled only after their identity is
+verified, reaped by pid) and its managers (``multiprocessing`` processes). Each brings its
+own way to signal, to tell whether it has exited and to wait (the wait reaps); the ladder
+itself lives here once:
+
+1. SIGTERM to each (in the order given: callers pass children before parents);
+2. wait up to *grace* for them to exit;
+3. SIGKILL to those still running;
+4. wait up to `KILL_WAIT` for those to be reaped.
+
+Interrupt-safe: when the first wait is interrupted (Ctrl-C, an outside timer's exception),
+whatever is still running is killed and reaped before the exception propagates.
+Imports neither pytest nor the plugin.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Final
+from typing import TypeVar
+
+#: How long SIGKILLed processes may take to be reaped before we give up on them.
+KILL_WAIT: Final = 5.0
+SIGTERM: Final = signal.SIGTERM
+#: Windows has no SIGKILL; ``os.kill`` with SIGTERM terminates there.
+SIGKILL: Final = getattr(signal, "SIGKILL", signal.SIGTERM)
+
+_T = TypeVar("_T")
+
+
+def escalate(
+    targets: Sequence[_T],
+    grace: float,
+    *,
+    send: Callable[[_T, int], object],
+    exited: Callable[[_T], bool],
+    wait: Callable[[Sequence[_T], float], object],
+    kill_wait: float = KILL_WAIT,
+) -> list[_T]:
+    """Stop *targets*: terminate, kill those alive after *grace*, reap; return the killed.
+
+    *send(target, signum)* signals one target if it is still ours, *exited(target)* says
+    whether it is gone, *wait(targets, timeout)* waits (and reaps) until all of them exited
+    or *timeout* passed.
+    """
+    pending = [target for target in targets if not exited(target)]
+    if not pending:
+        return []
+    killed: list[_T] = []
+    try:
+        for target in pending:
+            send(target, SIGTERM)
+        wait(pending, grace)
+    finally:
+        killed = [target for target in pending if not exited(target)]
+        for target in killed:
+            send(target, SIGKILL)
+        if killed:
+            wait(killed, kill_wait)
+    return killed
