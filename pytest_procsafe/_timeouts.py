@@ -58,11 +58,6 @@ MISS: Final = Token.MISS
 Timeout: TypeAlias = "float | Literal[Token.DEFAULT] | None"
 
 
-def seconds(value: float) -> str:
-    """``30s``, ``0.25s``: how durations read in messages."""
-    return f"{value:.3g}s"
-
-
 @final
 @dataclass(frozen=True)
 class Watch:

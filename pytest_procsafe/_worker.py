@@ -29,6 +29,7 @@ from typing import final
 
 from pytest_procsafe import _escalate
 from pytest_procsafe import _seconds
+from pytest_procsafe import _stacks
 from pytest_procsafe._bootstrap import ERROR
 from pytest_procsafe._bootstrap import EXIT
 from pytest_procsafe._bootstrap import LOAD_FAILED
@@ -321,9 +322,7 @@ class Worker:
         """Read a last outcome, close the result pipe and remove the stack dump file."""
         self._collect()
         self._close_reader()
-        if self.stack_file is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.stack_file)
+        _stacks.remove(self.stack_file)
 
     def _interpret(self, outcome: Outcome, label: str) -> Any:
         __tracebackhide__ = True

@@ -19,11 +19,7 @@ its parent reaps it, and multiprocessing only reaps by the child's own pid.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +35,7 @@ from pytest_procsafe import _bootstrap
 from pytest_procsafe import _coverage
 from pytest_procsafe import _owned
 from pytest_procsafe import _seconds
+from pytest_procsafe import _stacks
 from pytest_procsafe._payload import Payload
 from pytest_procsafe._payload import PayloadError
 from pytest_procsafe._payload import describe
@@ -59,11 +56,6 @@ __all__ = [
     "WorkerTimeout",
     "stop_all",
 ]
-
-#: How long to wait for faulthandler's dump once the signal is sent (it writes at once).
-STACK_WAIT: Final = 1.0
-
-_STACK_SIGNAL: Final = getattr(signal, "SIGUSR1", None)
 
 # Groups whose workers may still run: the session-end and SIGTERM paths stop them all.
 _LIVE: set[WorkerGroup] = set()
@@ -156,7 +148,7 @@ class WorkerGroup:
         name = self._pick_name(target, name)
         if self.start_method != "fork":
             _check_cwd(f"cannot start worker {name!r} ({self.start_method}) of {self.owner}")
-        stack_file = _make_stack_file()
+        stack_file = _stacks.make_file()
         launch = _bootstrap.Launch(
             start_method=self.start_method,
             stack_file=stack_file,
@@ -177,7 +169,7 @@ class WorkerGroup:
             process.start()
         except BaseException as exc:
             reader.close()
-            _remove(stack_file)
+            _stacks.remove(stack_file)
             if isinstance(exc, PayloadError):
                 raise WorkerError(
                     f"cannot start worker {name!r} ({self.start_method}) of {self.owner}: {exc}"
@@ -310,26 +302,17 @@ class WorkerGroup:
 
     def _capture_stacks(self, hung: Sequence[Worker]) -> dict[Worker, str]:
         """Ask each hung worker for its stack; return the dumps that arrived in time."""
-        asked = [worker for worker in hung if _can_dump(worker)]
-        for worker in asked:
-            send_signal(worker, _STACK_SIGNAL)  # type: ignore[arg-type]  # _can_dump checked it
-        sizes = dict.fromkeys(asked, -1)
-        deadline = time.monotonic() + STACK_WAIT
-        while sizes and time.monotonic() < deadline:
-            time.sleep(0.02)
-            self._pump()
-            for worker in list(sizes):
-                size = _size(worker.stack_file)
-                if 0 < size == sizes[worker]:  # written and no longer growing
-                    del sizes[worker]
-                else:
-                    sizes[worker] = size
-        stacks: dict[Worker, str] = {}
-        for worker in asked:
-            text = _read(worker.stack_file)
-            if text.strip():
-                stacks[worker] = trim_stack(text)
-        return stacks
+        asked = {
+            worker.pid: worker
+            for worker in hung
+            if worker.stack_file is not None and worker.process.exitcode is None
+        }
+        dumps = _stacks.capture(
+            {pid: worker.stack_file for pid, worker in asked.items() if worker.stack_file},
+            send=lambda pid, signum: send_signal(asked[pid], signum),
+            pump=self._pump,
+        )
+        return {asked[pid]: trim_stack(text) for pid, text in dumps.items()}
 
     def _hang_report(self, worker: Worker, stack: str | None, killed: bool) -> str:
         how = f"killed after the {self.kill_grace:g}s grace" if killed else "terminated"
@@ -341,7 +324,7 @@ class WorkerGroup:
             lines.append("It did not exit even after SIGKILL.")
         if stack is not None:
             lines.append(f"Its Python stack (all threads) when it was stopped:\n{stack.rstrip()}")
-        elif _STACK_SIGNAL is None:
+        elif _stacks.SIGNAL is None:
             lines.append("(No stack: this platform has no SIGUSR1 for faulthandler.)")
         else:
             lines.append(
@@ -359,6 +342,19 @@ class WorkerGroup:
             f"<WorkerGroup of {self.owner!r} {self.start_method} "
             f"workers={len(self._workers)}{state}>"
         )
+
+
+def _check_cwd(what: str) -> None:
+    # spawn and forkserver children start in the parent's current directory, and
+    # multiprocessing fails with a bare FileNotFoundError when it was removed.
+    try:
+        os.getcwd()
+    except FileNotFoundError as exc:
+        raise WorkerError(
+            f"{what}: the current directory of the test process no longer exists (it was "
+            "removed while the process was in it); spawn and forkserver children start in "
+            "their parent's current directory, so chdir into one that exists first"
+        ) from exc
 
 
 def trim_stack(dump: str) -> str:
@@ -380,69 +376,3 @@ def trim_stack(dump: str) -> str:
             line = "  (the procsafe bootstrap and multiprocessing frames below are omitted)"
         lines.append(line)
     return "\n".join(lines)
-
-
-def _check_cwd(what: str) -> None:
-    # spawn and forkserver children start in the parent's current directory, and
-    # multiprocessing fails with a bare FileNotFoundError when it was removed.
-    try:
-        os.getcwd()
-    except FileNotFoundError as exc:
-        raise WorkerError(
-            f"{what}: the current directory of the test process no longer exists (it was "
-            "removed while the process was in it); spawn and forkserver children start in "
-            "their parent's current directory, so chdir into one that exists first"
-        ) from exc
-
-
-def _make_stack_file() -> str | None:
-    if _STACK_SIGNAL is None:
-        return None
-    fd, path = tempfile.mkstemp(prefix="procsafe-stack-", suffix=".txt")
-    os.close(fd)
-    return path
-
-
-def _can_dump(worker: Worker) -> bool:
-    if _STACK_SIGNAL is None or worker.stack_file is None:
-        return False
-    if worker.process.exitcode is not None:
-        return False  # gone meanwhile: its pid is no longer ours to signal
-    return _catches(worker.pid, _STACK_SIGNAL)
-
-
-def _catches(pid: int, signum: int) -> bool:
-    """Whether *pid* has a handler for *signum* (sending it otherwise would kill it)."""
-    if not sys.platform.startswith("linux"):
-        return True
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
-
-
-def _size(path: str | None) -> int:
-    try:
-        return os.path.getsize(path) if path is not None else 0
-    except OSError:
-        return 0
-
-
-def _read(path: str | None) -> str:
-    if path is None:
-        return ""
-    try:
-        with open(path, errors="replace") as file:
-            return file.read()
-    except OSError:
-        return ""
-
-
-def _remove(path: str | None) -> None:
-    if path is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(path)

@@ -1,0 +1,131 @@
+"""The leak checks' pytest hooks: they tell `LeakChecks` where the run is, nothing more.
+
+`SessionHooks` is registered in every mode (under ``leaks=off`` procsafe still stops its own
+workers at the end); `PerTestHooks` only while checks are on, so ``off`` costs nothing per test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+from typing import final
+
+import pytest
+
+from pytest_procsafe import _config
+from pytest_procsafe import _leaks
+from pytest_procsafe import _report
+
+
+def start(config: pytest.Config, checks: _leaks.LeakChecks) -> None:
+    """Turn the per-test checks on."""
+    checks.activate()
+    config.pluginmanager.register(PerTestHooks(checks), "procsafe-leak-tests")
+
+
+def _test_where(item: pytest.Item) -> tuple[str, int]:
+    _, lineno, _ = item.location
+    return str(item.path), (lineno or 0) + 1
+
+
+def _fixture_where(fixturedef: pytest.FixtureDef[object]) -> tuple[str, int] | None:
+    code = getattr(fixturedef.func, "__code__", None)
+    return None if code is None else (code.co_filename, code.co_firstlineno)
+
+
+@final
+class SessionHooks:
+    """Session-level leak hooks: registered in every mode (off still stops our workers)."""
+
+    def __init__(self, checks: _leaks.LeakChecks) -> None:
+        self.checks = checks
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(
+        self, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
+        # Under leaks=off, a marker may still turn the checks on for some tests.
+        if self.checks.tracker is None and any(
+            mark.kwargs.get("leaks") in ("warn", "fail")
+            for item in items
+            for mark in item.iter_markers("procsafe")
+        ):
+            start(config, self.checks)
+
+    @pytest.hookimpl(trylast=True)  # after the session's fixtures are torn down
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.checks.session_end()
+        # An xdist worker hands its findings to the controller, which reports them all and
+        # sets the run's exit status (xdist sends workeroutput after this hook).
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if isinstance(workeroutput, dict):
+            workeroutput[_report.WORKER_KEY] = self.checks.worker_output()
+        failed = self.checks.failed or self.checks.report_error is not None
+        if failed and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    @pytest.hookimpl(optionalhook=True)  # an xdist hook: only the controller calls it
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        workerinput = getattr(node, "workerinput", None) or {}
+        worker = str(workerinput.get("workerid", "?"))
+        output = (getattr(node, "workeroutput", None) or {}).get(_report.WORKER_KEY)
+        self.checks.add_worker_output(worker, output)
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        checks = self.checks
+        _report.write_summary(
+            terminalreporter, checks.report, error=checks.report_error, failed=checks.failed
+        )
+
+
+@final
+class PerTestHooks:
+    """Per-test leak hooks: registered only when checks are on (off costs nothing)."""
+
+    def __init__(self, checks: _leaks.LeakChecks) -> None:
+        self.checks = checks
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self) -> None:
+        self.checks.collection_done()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        self.checks.test_start(item.nodeid, lambda: _test_where(item))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_call(self) -> None:
+        self.checks.advance("call")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
+        self.checks.advance("teardown")
+        try:
+            result = yield
+        except (KeyboardInterrupt, pytest.exit.Exception):
+            raise  # the session's end checks this test
+        except BaseException:
+            message = self.checks.test_end(lambda: _config.item_settings(item))
+            if message:  # keep the teardown's own error; show the leaks with it
+                item.add_report_section("teardown", "procsafe", message)
+            raise
+        message = self.checks.test_end(lambda: _config.item_settings(item))
+        if message:
+            pytest.fail(message, pytrace=False)
+        return result
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(
+        self, fixturedef: pytest.FixtureDef[object]
+    ) -> Generator[None, object, object]:
+        if fixturedef.scope == "function":
+            return (yield)
+        self.checks.fixture_enter(fixturedef, fixturedef.argname, _fixture_where(fixturedef))
+        try:
+            return (yield)
+        finally:
+            self.checks.fixture_exit(fixturedef)
+
+    def pytest_fixture_post_finalizer(self, fixturedef: pytest.FixtureDef[object]) -> None:
+        if fixturedef.scope != "function":
+            self.checks.fixture_done(fixturedef)
