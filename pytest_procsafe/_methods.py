@@ -8,6 +8,7 @@ default to forkserver. Every fixture uses an explicit context instead.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -97,5 +98,11 @@ def who_chooses(metafunc: Any, *, ours: str) -> str | None:
     func = getattr(fixturedef, "func", None)
     if getattr(func, "__module__", None) == ours:
         return None
-    where = getattr(fixturedef, "baseid", "")
-    return f"the mp_start_method fixture of {where!r}" if where else "another plugin"
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return "another plugin's mp_start_method fixture"
+    root = getattr(getattr(metafunc, "config", None), "rootpath", None)
+    path = code.co_filename
+    if root is not None and os.path.commonpath([str(root), path]) == str(root):
+        path = os.path.relpath(path, root)
+    return f"the mp_start_method fixture at {path}:{code.co_firstlineno}"
