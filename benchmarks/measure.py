@@ -50,8 +50,14 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
-def pytest_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+#: The ``pytest`` console script beside this interpreter (how most users start pytest).
+SCRIPT = Path(sys.executable).with_name("pytest")
+
+
+def pytest_cmd(*args: str, script: bool = False) -> list[str]:
+    """``python -m pytest ...``, or with *script* the ``pytest`` console script."""
+    launcher = [str(SCRIPT)] if script else [sys.executable, "-m", "pytest"]
+    return [*launcher, "-q", "-p", "no:cacheprovider", *args]
 
 
 @dataclasses.dataclass(frozen=True)

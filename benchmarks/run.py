@@ -200,6 +200,43 @@ def bench_workers(sizes: Sizes, work: Path) -> list[Result]:
     return results
 
 
+def bench_launchers(sizes: Sizes, work: Path) -> list[Result]:
+    """A spawn worker's round trip under the ``pytest`` script and ``python -m pytest``."""
+    for name in ("bench_targets.py", "test_workers_bench.py"):
+        shutil.copy(SUITES / name, work / name)
+    (work / "pytest.ini").write_text("[pytest]\n")
+    medians: dict[str, float] = {}
+    for label, script in (("pytest", True), ("python -m pytest", False)):
+        out = work / f"launch-{script}.json"
+        run(
+            pytest_cmd(
+                "-p",
+                "procsafe",
+                "--procsafe-start-methods=spawn",
+                "-k",
+                "round_trip",
+                script=script,
+            ),
+            work,
+            PROCSAFE_BENCH_OUT=str(out),
+            PROCSAFE_BENCH_ROUND_TRIPS=str(sizes.round_trips),
+        )
+        entry = json.loads(out.read_text())["round trip spawn"]
+        log(f"round trip spawn under {label}", entry)
+        medians[label] = statistics.median(entry["ours"])
+    script_time, module_time = medians["pytest"], medians["python -m pytest"]
+    return [
+        at_most(
+            "spawn worker round trip, pytest script vs python -m pytest",
+            module_time,
+            script_time,
+            1.10,
+            f"{script_time * 1000:.1f} ms under pytest vs {module_time * 1000:.1f} ms "
+            "under python -m pytest",
+        )
+    ]
+
+
 def bench_scan(sizes: Sizes, work: Path) -> list[Result]:
     """What one leak check costs while a test has live children: `Tracker.observe`, which
     runs at the end of every test phase, with every child already known (the steady state)."""
@@ -291,6 +328,7 @@ CASES: dict[str, Callable[[Sizes, Path], list[Result]]] = {
     "trivial": bench_trivial,
     "xdist": bench_xdist,
     "workers": bench_workers,
+    "launchers": bench_launchers,
     "scan": bench_scan,
     "hung": bench_hung,
 }

@@ -44,6 +44,7 @@ from typing import NamedTuple
 from typing import final
 
 from pytest_procsafe import _owned
+from pytest_procsafe._ledger import Ledger
 from pytest_procsafe._registrations import Registrations
 
 SegmentKind = Literal["shared_memory", "semaphore"]
@@ -166,7 +167,7 @@ class SegmentWatch:
         self._ctime = -1
         self._racy = True
         self.seen: dict[str, tuple[object, str]] = {}
-        self._owned: dict[object, set[str]] = {}
+        self._ledger: Ledger[object, str] = Ledger()
         self._deferred: list[tuple[Segment, str]] = []  # (segment, owner) for session end
         self.registrations = Registrations()
         for entry in self._entries():  # there before this session: never ours
@@ -199,22 +200,20 @@ class SegmentWatch:
         seen = self.seen
         for entry in entries.difference(seen):
             seen[entry] = (owner, phase)
-            self._owned.setdefault(owner, set()).add(entry)
+            self._ledger.add(owner, entry)
         if len(seen) > len(entries):
             for entry in [entry for entry in seen if entry not in entries]:
                 self._forget(entry)
 
     def _forget(self, entry: str) -> None:
         owner, _ = self.seen.pop(entry, (None, ""))
-        owned = self._owned.get(owner)
-        if owned is not None:
-            owned.discard(entry)
+        self._ledger.discard(owner, entry)
 
     def has_candidates(self, owner: object) -> bool:
-        return bool(self._owned.get(owner))
+        return self._ledger.has(owner)
 
     def owners(self) -> list[object]:
-        return [owner for owner, entries in self._owned.items() if entries]
+        return self._ledger.owners()
 
     # --- attributing ------------------------------------------------------------------
 
@@ -222,7 +221,7 @@ class SegmentWatch:
         """*owner*'s entries that are still there and attributable to it (checked once).
 
         *tree* gives this process's descendants, asked only when needed."""
-        entries = sorted(self._owned.pop(owner, None) or ())
+        entries = self._ledger.take(owner)
         if not entries:
             return []
         own, alive = _owned.segments(), alive_semaphores()

@@ -30,6 +30,7 @@ from typing import final
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
+from pytest_procsafe._ledger import Ledger
 from pytest_procsafe._proctable import Proc
 
 LeakKind = Literal["leaked", "zombie", "orphan"]
@@ -127,7 +128,7 @@ class Tracker:
         self.seen: dict[int, Seen] = {}
         self.exempt: set[int] = set()  # never candidates again (ignored, machinery)
         self.prune: set[int] = set()  # subtrees not walked (execnet)
-        self._owned: dict[Owner, set[int]] = {}
+        self._ledger: Ledger[Owner, int] = Ledger()
         self._direct: dict[int, float] = {}  # pid -> start time, forked by this process
         self._pre_fork: set[int] = set()
         if self.nested:
@@ -213,37 +214,34 @@ class Tracker:
             self.exempt.add(pid)
             self.prune.add(pid)
             return
-        self._owned.setdefault(owner, set()).add(pid)
+        self._ledger.add(owner, pid)
 
     def _forget(self, pid: int) -> None:
         entry = self.seen.pop(pid, None)
         self.exempt.discard(pid)
         self.prune.discard(pid)
         self._direct.pop(pid, None)
-        if entry is not None and entry.owner is not None:
-            owned = self._owned.get(entry.owner)
-            if owned is not None:
-                owned.discard(pid)
+        if entry is not None:
+            self._ledger.discard(entry.owner, pid)
 
     # --- owners -------------------------------------------------------------------------
 
     def has_candidates(self, owner: Owner) -> bool:
-        return bool(self._owned.get(owner))
+        return self._ledger.has(owner)
 
     def owners(self) -> list[Owner]:
         """Owners that still have unchecked processes, in the order they first had one."""
-        return [owner for owner, pids in self._owned.items() if pids]
+        return self._ledger.owners()
 
     def take(self, owner: Owner) -> list[Seen]:
         """The unchecked processes of *owner*, which are checked now (once)."""
-        pids = self._owned.pop(owner, None) or set()
-        return [self.seen[pid] for pid in sorted(pids) if pid in self.seen]
+        return [self.seen[pid] for pid in self._ledger.take(owner) if pid in self.seen]
 
     def give(self, owner: Owner, entries: Iterable[Seen]) -> None:
         """Hand *entries* to *owner*: they are checked again when *owner* is."""
         for entry in entries:
             entry.owner = owner
-            self._owned.setdefault(owner, set()).add(entry.proc.pid)
+            self._ledger.add(owner, entry.proc.pid)
 
     def leftovers(self) -> list[Proc]:
         """Every descendant now that no rule exempts: the final sweep's targets."""
