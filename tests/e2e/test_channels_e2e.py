@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from e2ekit import FAIL_ON_LEAKS
+from e2ekit import run
 from pytest_procsafe import _methods
 
 ALL = _methods.available()
@@ -158,14 +160,10 @@ FAILURES = """
 """
 
 
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", "procsafe", "--procsafe-leaks=fail", *args)
-
-
 def test_round_trips_pass_and_leave_nothing_behind(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(NOTHING_LEFT)
     pytester.makepyfile(ROUND_TRIPS)
-    result = run(pytester, "-v")
+    result = run(pytester, "-v", options=FAIL_ON_LEAKS)
     result.assert_outcomes(passed=9 * len(ALL))
     for method in ALL:
         result.stdout.fnmatch_lines([f"*test_manager[[]{method}[]] PASSED*"])
@@ -175,7 +173,7 @@ def test_reads_nothing_can_answer_fail_with_a_diagnosis(pytester: pytest.Pyteste
     pytester.makeconftest(NOTHING_LEFT)
     pytester.makepyfile(FAILURES)
     start = time.monotonic()
-    result = run(pytester, "--procsafe-timeout=1")
+    result = run(pytester, "--procsafe-timeout=1", options=FAIL_ON_LEAKS)
     # The dead worker's get() fails at once, long before its 60 s timeout.
     assert time.monotonic() - start < 40
     # Beside the failed read, the worker's crash nobody looked at errors its teardown.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import badvalues
+from e2ekit import run
 from pytest_procsafe import _methods
 
 ALL = _methods.available()
@@ -14,10 +16,6 @@ CONTEXT_TEST = """
     def test_ctx(mp_context, mp_start_method):
         assert mp_context.get_start_method() == mp_start_method
 """
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", "procsafe", *args)
 
 
 def test_help_lists_every_option_and_ini_key(pytester: pytest.Pytester) -> None:
@@ -67,54 +65,23 @@ def test_header_shows_the_session_settings(pytester: pytest.Pytester) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "ini", "message"),
+    ("bad", "form"),
     [
-        (
-            ["--procsafe-leaks=loud"],
-            "",
-            "procsafe: --procsafe-leaks: invalid value 'loud'; allowed: fail, warn, off",
-        ),
-        (
-            ["--procsafe-start-methods=threads"],
-            "",
-            "*unknown start method 'threads'; allowed: fork, spawn, forkserver, all",
-        ),
-        (
-            ["--procsafe-timeout=-3"],
-            "",
-            "*--procsafe-timeout: invalid value '-3'; expected a number of seconds > 0",
-        ),
-        (["--procsafe-kill-grace=x"], "", "*--procsafe-kill-grace: invalid value 'x'*"),
-        (
-            ["--procsafe-cleanup=never"],
-            "",
-            "*--procsafe-cleanup: invalid value 'never'; allowed: auto, kill, session, keep",
-        ),
-        (["--procsafe-ignore=("], "", "*--procsafe-ignore: invalid regular expression '('*"),
-        (
-            ["--procsafe-report=missing/dir/r.json"],
-            "",
-            "*--procsafe-report: directory * does not exist",
-        ),
-        ([], "procsafe_leaks = often", "*procsafe_leaks (ini): invalid value 'often'*"),
-        ([], "procsafe_timeout =", "*procsafe_timeout (ini): invalid value ''*"),
-        ([], "procsafe_start_methods = fork fork", "*start method 'fork' is given twice"),
-        (
-            [],
-            "procsafe_ignore =\n    (unclosed",
-            "*procsafe_ignore (ini): invalid regular expression*",
-        ),
+        pytest.param(bad, form, id=f"{form}-{bad.id}")
+        for bad in badvalues.BAD_VALUES
+        for form in bad.e2e
     ],
 )
 def test_bad_values_stop_the_run_with_a_usage_error(
-    pytester: pytest.Pytester, args: list[str], ini: str, message: str
+    pytester: pytest.Pytester, bad: badvalues.BadValue, form: str
 ) -> None:
-    if ini:
-        pytester.makeini(f"[pytest]\n{ini}\n")
+    badvalues.prepare(pytester.path)
+    if form == badvalues.INI:
+        pytester.makeini("[pytest]\n" + bad.ini_line())
     pytester.makepyfile("def test_never_runs(): raise AssertionError")
-    result = run(pytester, *args)
+    result = run(pytester, *([bad.arg()] if form == badvalues.CLI else []))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"*{message.lstrip('*')}"])
+    result.stderr.fnmatch_lines(["*" + bad.message(form)])
     result.stdout.no_fnmatch_line("*test_never_runs*")
 
 
@@ -261,14 +228,14 @@ def test_explicit_loading_with_autoload_disabled(
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     pytester.makepyfile(CONTEXT_TEST)
     run(pytester, "--procsafe-start-methods=spawn").assert_outcomes(passed=1)
-    result = pytester.runpytest_subprocess()
+    result = run(pytester, options=())
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'mp_context' not found*"])
 
 
 def test_disabling_with_no_procsafe(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(CONTEXT_TEST)
-    result = pytester.runpytest_subprocess("-p", "no:procsafe")
+    result = run(pytester, "-p", "no:procsafe", options=())
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'mp_context' not found*"])
     result.stdout.no_fnmatch_line("procsafe: start methods*")

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from e2ekit import run
 from pytest_procsafe import _config
 from pytest_procsafe import _methods
 from pytest_procsafe import hookspecs
@@ -29,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 DOCS = ROOT / "docs"
 METHODS = _methods.available()
-RUN_LIMIT = 240.0  # an inner run that takes this long is hung: fail instead of waiting
 DEMO = "leak_demo/test_leak_demo.py::"
 
 
@@ -48,10 +48,6 @@ def copy_examples(pytester: pytest.Pytester, subdir: str = "") -> None:
     source = EXAMPLES / subdir
     ignore = shutil.ignore_patterns("__pycache__", ".coverage", ".coverage.*")
     shutil.copytree(source, pytester.path, dirs_exist_ok=True, ignore=ignore)
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", "procsafe", *args, timeout=RUN_LIMIT)
 
 
 def readme_example() -> str:
@@ -147,7 +143,7 @@ def test_long_lived_and_demo_conftests_work_without_the_plugin(
     # deselected (without the plugin their leaks would be real); its conftest still loads.
     copy_examples(pytester)
     args = ("-p", "no:procsafe", "-k", "not test_leak_demo", "long_lived", "leak_demo")
-    result = pytester.runpytest_subprocess(*args, timeout=RUN_LIMIT)
+    result = run(pytester, *args, options=())
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()
     result.assert_outcomes(passed=3, deselected=3)
 
@@ -191,7 +187,7 @@ def test_xdist_coverage_example_measures_the_pool_children(
         if name.startswith(("COV_CORE_", "COVERAGE_")):  # an outer measured run
             monkeypatch.delenv(name)
     with no_survivors(monkeypatch):
-        result = pytester.runpytest_subprocess(timeout=RUN_LIMIT)
+        result = run(pytester, options=())
 
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()
     result.assert_outcomes(passed=2 * len(METHODS))

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 
 import pytest_procsafe
+from e2ekit import RUN_LIMIT
+from e2ekit import run
 from pytest_procsafe import _methods
 from survivors import no_survivors
 
@@ -29,7 +31,6 @@ pytest.importorskip("xdist")
 pytest.importorskip("pytest_cov")
 
 METHODS = _methods.available()
-RUN_LIMIT = 240.0  # an inner run that takes this long is hung: fail instead of waiting
 DOCS = Path(__file__).parents[2] / "docs" / "howto" / "coverage-settings.md"
 
 
@@ -41,10 +42,6 @@ def unmeasured_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
         monkeypatch.delenv(name, raising=False)
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", "procsafe", *args, timeout=RUN_LIMIT)
 
 
 def literal(text: str) -> str:
@@ -446,9 +443,13 @@ def test_coverage_run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
             timeout=RUN_LIMIT,
         )  # fmt: skip
     ran.assert_outcomes(**outcomes)
-    combined = pytester.run(sys.executable, "-m", "coverage", "combine", "--append")
+    combined = pytester.run(
+        sys.executable, "-m", "coverage", "combine", "--append", timeout=RUN_LIMIT
+    )
     assert combined.ret == 0, combined.stderr.str()
-    result = pytester.run(sys.executable, "-m", "coverage", "report", "-m", "--include=pkg/*")
+    result = pytester.run(
+        sys.executable, "-m", "coverage", "report", "-m", "--include=pkg/*", timeout=RUN_LIMIT
+    )
     assert_fully_covered(result, os.path.join("pkg", "work.py"))
 
 

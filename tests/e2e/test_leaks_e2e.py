@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from e2ekit import RUN_LIMIT
+from e2ekit import run
 from pytest_procsafe import _methods
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
@@ -26,12 +28,7 @@ from survivors import no_survivors
 pytestmark = pytest.mark.skipif(not _proctable.LINUX, reason="zombies and orphans: Linux")
 
 METHODS = _methods.available()
-RUN_LIMIT = 240.0  # an inner run that takes this long is hung: fail instead of waiting
 WAIT = 60.0
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", "procsafe", *args, timeout=RUN_LIMIT)
 
 
 def report(pytester: pytest.Pytester) -> dict[str, Any]:

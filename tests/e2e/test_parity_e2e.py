@@ -11,11 +11,12 @@ import textwrap
 
 import pytest
 
+from e2ekit import FAIL_ON_LEAKS
+from e2ekit import run
 from pytest_procsafe import _methods
 from survivors import no_survivors
 
 METHODS = _methods.available()
-RUN_LIMIT = 240.0  # an inner run that takes this long is hung: fail instead of waiting
 
 CONFTEST = """
     import pytest
@@ -123,15 +124,7 @@ def test_targets_from_test_files_and_conftests_in_every_import_mode(
     assert not list(project.rglob("__init__.py"))
 
     with no_survivors(monkeypatch):
-        result = pytester.runpytest_subprocess(
-            "-p",
-            "procsafe",
-            "--procsafe-leaks=fail",
-            f"--import-mode={mode}",
-            "-v",
-            "project",
-            timeout=RUN_LIMIT,
-        )
+        result = run(pytester, f"--import-mode={mode}", "-v", "project", options=FAIL_ON_LEAKS)
 
     result.assert_outcomes(passed=8 * len(METHODS))
     result.stdout.fnmatch_lines(["rootdir: *project*"])

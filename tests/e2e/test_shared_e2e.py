@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from e2ekit import run
 from pytest_procsafe import _methods
 from pytest_procsafe import _segments
 from survivors import no_survivors
@@ -21,10 +22,6 @@ from survivors import no_survivors
 ALL = _methods.available()
 N = len(ALL)
 linux_only = pytest.mark.skipif(not _segments.LINUX, reason="/dev/shm: Linux")
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", "procsafe", *args, timeout=240)
 
 
 def report(pytester: pytest.Pytester) -> dict[str, Any]:

@@ -6,11 +6,12 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
+from e2ekit import FAIL_ON_LEAKS
+from e2ekit import run
 from pytest_procsafe import _methods
 from survivors import no_survivors
 
 METHODS = _methods.available()
-RUN_LIMIT = 240.0  # an inner run that takes this long is hung: fail instead of waiting
 
 CONFTEST = """
     import pytest
@@ -139,20 +140,13 @@ HANGS = """
 """
 
 
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    # Leak checks fail the inner run too: a worker left behind would be one more error.
-    return pytester.runpytest_subprocess(
-        "-p", "procsafe", "--procsafe-leaks=fail", *args, timeout=RUN_LIMIT
-    )
-
-
 def test_outcomes_across_start_methods(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_outcomes=OUTCOMES)
     with no_survivors(monkeypatch):
-        result = run(pytester)
+        result = run(pytester, options=FAIL_ON_LEAKS)
 
     n = len(METHODS)
     result.assert_outcomes(passed=9 * n, errors=2 * n)
@@ -185,7 +179,7 @@ def test_hung_workers_are_dumped_and_stopped_within_timeout_and_grace(
 ) -> None:
     pytester.makepyfile(test_hangs=HANGS)
     with no_survivors(monkeypatch):
-        result = run(pytester, "--junitxml=junit.xml")
+        result = run(pytester, "--junitxml=junit.xml", options=FAIL_ON_LEAKS)
 
     n = len(METHODS)
     result.assert_outcomes(passed=2 * n, failed=n, errors=3 * n)

@@ -1,9 +1,10 @@
 """Shared by the hostile suite: run an inner pytest within a bound and read every test's outcome.
 
-Each case runs an inner pytest (``runpytest_subprocess`` with a ``timeout``), under
+Each case runs an inner pytest (`e2ekit.run`, bounded by its ``RUN_LIMIT``), under
 ``--procsafe-leaks=fail`` and short procsafe timeouts, inside `survivors.no_survivors`, and
 then checks each inner test's outcome from the inner run's JUnit XML: what failed, what
-errored, what passed, the message, and how long it took.
+errored, what passed, the message, and how long it took. Where one inner run holds many
+cases, `Once` shares it between the parametrized checks of its outcomes.
 """
 
 from __future__ import annotations
@@ -11,25 +12,23 @@ from __future__ import annotations
 import dataclasses
 import re
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 from typing import final
 
 import pytest
 
+import e2ekit
 from pytest_procsafe import _methods
 from survivors import no_survivors
 
 METHODS: Final = _methods.available()
-#: An inner run that takes this long is hung: the case fails instead of waiting.
-RUN_LIMIT: Final = 240.0
 #: Options of every inner run: fail on leaks, short waits, no cache files.
 OPTIONS: Final = (
-    "-p",
-    "procsafe",
+    *e2ekit.FAIL_ON_LEAKS,
     "-p",
     "no:cacheprovider",
-    "--procsafe-leaks=fail",
     "--procsafe-timeout=3",
     "--procsafe-kill-grace=0.5",
     "--junitxml=junit.xml",
@@ -55,10 +54,37 @@ class Case:
 def run(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, *args: str
 ) -> tuple[pytest.RunResult, dict[str, Case]]:
-    """Run the inner pytest; fail if it outlives `RUN_LIMIT` or leaves a process behind."""
+    """Run the inner pytest; fail if it outlives ``RUN_LIMIT`` or leaves a process behind."""
     with no_survivors(monkeypatch):
-        result = pytester.runpytest_subprocess(*OPTIONS, *args, timeout=RUN_LIMIT)
+        result = e2ekit.run(pytester, *args, options=OPTIONS)
     return result, cases(pytester.path / "junit.xml", result.stdout.str())
+
+
+@final
+class Once:
+    """One inner run shared by the parametrized checks of its outcomes (keep one per run
+    in a module-scoped fixture). The first check to ask writes the inner files with
+    *setup* and runs it with its own pytester; the others read what it found. Should the
+    run itself fail, that check fails with the error and every later one says so."""
+
+    def __init__(self, setup: Callable[[pytest.Pytester], None]) -> None:
+        self._setup = setup
+        self._ran: tuple[pytest.RunResult, dict[str, Case]] | None = None
+        self._error: str | None = None
+
+    def run(
+        self, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    ) -> tuple[pytest.RunResult, dict[str, Case]]:
+        if self._error is not None:
+            pytest.fail(f"the shared inner run failed in an earlier check: {self._error}")
+        if self._ran is None:
+            try:
+                self._setup(pytester)
+                self._ran = run(pytester, monkeypatch)
+            except Exception as error:
+                self._error = f"{type(error).__name__}: {error}"
+                raise
+        return self._ran
 
 
 # A report's header in the terminal: "____ ERROR at teardown of test_x[fork] ____".
@@ -102,45 +128,33 @@ def cases(junit: Path, output: str = "") -> dict[str, Case]:
     return found
 
 
-def expect(
-    found: dict[str, Case],
-    name: str,
-    *,
-    passed: bool = False,
-    failed: bool = False,
-    error: bool = False,
-    says: tuple[str, ...] = (),
-    within: float | None = None,
-) -> None:
+@final
+@dataclasses.dataclass(frozen=True)
+class Expected:
+    """One inner test's expected outcome, phrases its report holds, and time bound."""
+
+    passed: bool = False
+    failed: bool = False
+    error: bool = False
+    says: tuple[str, ...] = ()
+    within: float | None = None
+
+
+def expect(found: dict[str, Case], name: str, expected: Expected) -> None:
     """Assert one inner test's outcome, the phrases its report holds, and its time bound."""
     assert name in found, f"{name} did not run; ran: {sorted(found)}"
     case = found[name]
     got = (case.passed, case.failed, case.error)
-    assert got == (passed, failed, error), f"{name}: (passed, failed, error) = {got}\n{case.text}"
-    for phrase in says:
+    want = (expected.passed, expected.failed, expected.error)
+    assert got == want, f"{name}: (passed, failed, error) = {got}\n{case.text}"
+    for phrase in expected.says:
         assert phrase in case.text, f"{name}: {phrase!r} not in its report:\n{case.text}"
-    if within is not None:
-        assert case.seconds < within, f"{name} took {case.seconds:.1f}s (bound {within}s)"
+    if expected.within is not None:
+        bound = expected.within
+        assert case.seconds < bound, f"{name} took {case.seconds:.1f}s (bound {bound}s)"
 
 
-def expect_in(
-    found: dict[str, Case],
-    method: str,
-    test: str,
-    *,
-    passed: bool = False,
-    failed: bool = False,
-    error: bool = False,
-    says: tuple[str, ...] = (),
-    within: float | None = None,
-) -> None:
-    """`expect` for ``test[method]``."""
-    expect(
-        found,
-        f"{test}[{method}]",
-        passed=passed,
-        failed=failed,
-        error=error,
-        says=says,
-        within=within,
-    )
+def param(name: str, expected: Expected) -> object:
+    """A ``(name, expected)`` parameter of a check of inner test *name*, with a readable id
+    (``test_x-fork`` for ``test_x[fork]``)."""
+    return pytest.param(name, expected, id=name.replace("[", "-").rstrip("]"))

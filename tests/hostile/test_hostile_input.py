@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from hostilekit import RUN_LIMIT
 
+import badvalues
+from e2ekit import RUN_LIMIT
 from survivors import no_survivors
 
 NEVER_RUNS = "def test_never_runs():\n    raise AssertionError('ran despite bad input')\n"
@@ -29,17 +30,6 @@ class Inner(NamedTuple):
     returncode: int
     stdout: str
     stderr: str
-
-
-class Bad(NamedTuple):
-    """One malformed input: CLI arguments, an ini file's body, and the message expected
-    (the option as named in it, and what it says)."""
-
-    id: str
-    args: tuple[str, ...]
-    ini: str
-    says: str
-    names: str = ""
 
 
 def run_many(
@@ -100,150 +90,103 @@ def run_inline(
     return done
 
 
-def option_cases() -> list[Bad]:
-    """Every option, given on the CLI and in the ini file, malformed every way."""
-    seconds = "expected a number of seconds"
-    values = {
-        "leaks": [
-            ("empty", "", "invalid value ''; allowed: fail, warn, off"),
-            ("unknown", "loud", "invalid value 'loud'; allowed: fail, warn, off"),
-            ("number", "1", "invalid value '1'; allowed: fail, warn, off"),
-        ],
-        "start_methods": [
-            ("empty", "", "no start method given; allowed: fork, spawn, forkserver, all"),
-            ("unknown", "threads", "unknown start method 'threads'"),
-            ("duplicate", "fork,fork", "start method 'fork' is given twice"),
-            (
-                "separators-only",
-                ", ,",
-                "no start method given; allowed: fork, spawn, forkserver, all",
-            ),
-        ],
-        "timeout": [
-            ("empty", "", f"invalid value ''; {seconds} > 0"),
-            ("wrong-type", "soon", f"invalid value 'soon'; {seconds} > 0"),
-            ("negative", "-1", f"invalid value '-1'; {seconds} > 0"),
-            ("zero", "0", f"invalid value '0'; {seconds} > 0"),
-            ("nan", "nan", f"invalid value 'nan'; {seconds} > 0"),
-            ("infinite", "inf", f"invalid value 'inf'; {seconds} > 0"),
-        ],
-        "kill_grace": [
-            ("empty", "", f"invalid value ''; {seconds} >= 0"),
-            ("wrong-type", "a bit", f"invalid value 'a bit'; {seconds} >= 0"),
-            ("negative", "-0.5", f"invalid value '-0.5'; {seconds} >= 0"),
-            ("nan", "nan", f"invalid value 'nan'; {seconds} >= 0"),
-        ],
-        "cleanup": [
-            ("empty", "", "invalid value ''; allowed: auto, kill, session, keep"),
-            ("unknown", "never", "invalid value 'never'; allowed: auto, kill, session, keep"),
-        ],
-        "ignore": [
-            ("bad-regex", "(unclosed", "invalid regular expression '(unclosed'"),
-        ],
-        "report": [
-            ("empty", "", "invalid value ''; expected the path of a JSON file"),
-            ("directory", ".", "is a directory; expected the path of a JSON file"),
-            ("missing-dir", "missing/report.json", "does not exist"),
-            (
-                "parent-is-a-file",
-                "a-file/report.json",
-                "of 'a-file/report.json' is not a directory",
-            ),
-        ],
-    }
-    cases = []
-    for name, malformed in values.items():
-        flag = "--procsafe-" + name.replace("_", "-")
-        for how, value, says in malformed:
-            cases.append(Bad(f"cli-{name}-{how}", (f"{flag}={value}",), "", says, f"{flag}: "))
-            if name == "ignore":  # ini: one pattern per line
-                ini = f"procsafe_ignore =\n    {value}\n"
-            else:
-                ini = f"procsafe_{name} = {value}\n"
-            cases.append(Bad(f"ini-{name}-{how}", (), ini, says, f"procsafe_{name} (ini): "))
-    # An empty --procsafe-ignore would match every process: refused too.
-    cases.append(
-        Bad(
-            "cli-ignore-empty",
-            ("--procsafe-ignore=",),
-            "",
-            "--procsafe-ignore: invalid pattern ''",
-        )
-    )
+class Other(NamedTuple):
+    """Malformed input that is no value of a procsafe option: CLI arguments, an ini file's
+    body, and what the error says."""
+
+    id: str
+    args: tuple[str, ...]
+    ini: str
+    says: str
+
+
+OTHERS = [
     # Unknown names: argparse refuses unknown options; --strict-config unknown ini keys.
-    cases.append(
-        Bad(
-            "cli-unknown-name",
-            ("--procsafe-timeot=3",),
-            "",
-            "unrecognized arguments: --procsafe-timeot=3",
-        )
-    )
-    cases.append(
-        Bad(
-            "ini-unknown-name",
-            ("--strict-config",),
-            "procsafe_timeot = 3\n",
-            "Unknown config option: procsafe_timeot",
-        )
-    )
+    Other(
+        "cli-unknown-name",
+        ("--procsafe-timeot=3",),
+        "",
+        "unrecognized arguments: --procsafe-timeot=3",
+    ),
+    Other(
+        "ini-unknown-name",
+        ("--strict-config",),
+        "procsafe_timeot = 3\n",
+        "Unknown config option: procsafe_timeot",
+    ),
     # The same ini key twice: the ini parser refuses the file.
-    cases.append(
-        Bad(
-            "ini-duplicate",
-            (),
-            "procsafe_timeout = 3\nprocsafe_timeout = 4\n",
-            "duplicate name 'procsafe_timeout'",
-        )
+    Other(
+        "ini-duplicate",
+        (),
+        "procsafe_timeout = 3\nprocsafe_timeout = 4\n",
+        "duplicate name 'procsafe_timeout'",
+    ),
+]
+
+
+def refused(pytester: pytest.Pytester, name: str, inner: Inner) -> bool:
+    """Whether the inner run *name* stopped before any test ran, without a crash, and
+    created nothing where a report would go."""
+    return (
+        inner.returncode == pytest.ExitCode.USAGE_ERROR
+        and "ran despite bad input" not in inner.stdout
+        and "Traceback" not in inner.stderr
+        and not (pytester.path / name / "missing").exists()
     )
-    return cases
-
-
-OPTION_CASES = option_cases()
 
 
 def test_every_option_and_ini_value_malformed(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Every value of the shared table, on the command line and in an ini file.
+    cases = [
+        (f"{form}-{bad.id}", bad, form)
+        for bad in badvalues.BAD_VALUES
+        for form in (badvalues.CLI, badvalues.INI)
+        if form in bad.forms
+    ]
     setups = []
-    for case in OPTION_CASES:
-        files = {"test_bad.py": NEVER_RUNS, "a-file": "not a directory\n"}
-        if case.ini:
-            files["tox.ini"] = "[pytest]\n" + case.ini
-        setups.append((case.id, files, ("-p", "procsafe", *case.args)))
+    for name, bad, form in cases:
+        files = {"test_bad.py": NEVER_RUNS, badvalues.A_FILE: "not a directory\n"}
+        if form == badvalues.INI:
+            files["tox.ini"] = "[pytest]\n" + bad.ini_line()
+        args = (bad.arg(),) if form == badvalues.CLI else ()
+        setups.append((name, files, ("-p", "procsafe", *args)))
+    for other in OTHERS:
+        files = {"test_bad.py": NEVER_RUNS}
+        if other.ini:
+            files["tox.ini"] = "[pytest]\n" + other.ini
+        setups.append((other.id, files, ("-p", "procsafe", *other.args)))
     results = run_inline(pytester, monkeypatch, setups)
     wrong = []
-    for case in OPTION_CASES:
-        inner = results[case.id]
-        if (
-            inner.returncode != pytest.ExitCode.USAGE_ERROR
-            or case.says not in inner.stderr
-            or (case.names and f"ERROR: procsafe: {case.names}" not in inner.stderr)
-            or "ran despite bad input" in inner.stdout
-            or "Traceback" in inner.stderr
-            or (pytester.path / case.id / "missing").exists()
+    for name, bad, form in cases:
+        inner = results[name]
+        # The usage error is a line of its own, as pytest shows one.
+        if not refused(pytester, name, inner) or not bad.refused_in(
+            inner.stderr, form, before="ERROR: "
         ):
-            wrong.append(f"{case}\n  -> {inner}")
+            wrong.append(f"{name}: {bad}\n  -> {inner}")
+    for other in OTHERS:
+        inner = results[other.id]
+        if not refused(pytester, other.id, inner) or other.says not in inner.stderr:
+            wrong.append(f"{other}\n  -> {inner}")
     assert not wrong, "\n".join(wrong)
-
-
-TOML = [
-    ("toml-list", "procsafe_timeout = [1, 2]", "procsafe_timeout (ini): invalid value"),
-    ("toml-bool", "procsafe_leaks = true", "procsafe_leaks (ini): invalid value"),
-    ("toml-table", "procsafe_cleanup = {a = 1}", "procsafe_cleanup (ini): invalid value"),
-]
 
 
 def test_wrong_types_in_pyproject_toml(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    bad_values = badvalues.given(badvalues.TOML)
     setups = [
         (
-            name,
-            {"test_bad.py": NEVER_RUNS, "pyproject.toml": f"[tool.pytest.ini_options]\n{line}\n"},
+            bad.id,
+            {
+                "test_bad.py": NEVER_RUNS,
+                "pyproject.toml": "[tool.pytest.ini_options]\n" + bad.ini_line(),
+            },
             ("-p", "procsafe"),
         )
-        for name, line, _ in TOML
+        for bad in bad_values
     ]
     # A number where seconds are expected is fine: TOML's own type for them.
     setups.append(
@@ -258,11 +201,11 @@ def test_wrong_types_in_pyproject_toml(
     )
     results = run_inline(pytester, monkeypatch, setups[:-1])
     results.update(run_many(pytester, monkeypatch, setups[-1:]))
-    for name, line, says in TOML:
-        inner = results[name]
-        assert inner.returncode == pytest.ExitCode.USAGE_ERROR, (line, inner)
-        assert says in inner.stderr, (line, inner)
-        assert "Traceback" not in inner.stderr, (line, inner)
+    for bad in bad_values:
+        inner = results[bad.id]
+        assert inner.returncode == pytest.ExitCode.USAGE_ERROR, (bad, inner)
+        assert bad.refused_in(inner.stderr, badvalues.TOML, before="ERROR: "), (bad, inner)
+        assert "Traceback" not in inner.stderr, (bad, inner)
     assert results["toml-number"].returncode == pytest.ExitCode.OK, results["toml-number"]
     assert "timeout 7s" in results["toml-number"].stdout
 

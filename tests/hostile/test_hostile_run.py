@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from hostilekit import METHODS
 from hostilekit import OPTIONS
-from hostilekit import RUN_LIMIT
 from hostilekit import run
 
+from e2ekit import RUN_LIMIT
 from survivors import no_survivors
 
 #: How long an inner run may take to end once it was signalled: far below its own

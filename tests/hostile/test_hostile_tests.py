@@ -1,17 +1,17 @@
 """Hostile tests: whatever a test does to the process it runs in, procsafe keeps its word.
 
 One inner run holds every case (under every start method where the case uses one); each
-inner test is then checked on its own.
+inner test is then checked on its own, by a parametrized check of its own.
 """
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 from hostilekit import METHODS
+from hostilekit import Expected
+from hostilekit import Once
 from hostilekit import expect
-from hostilekit import expect_in
+from hostilekit import param
 from hostilekit import run
 
 CONFTEST = """
@@ -177,31 +177,29 @@ TESTS = """
 """
 
 
-def test_hostile_tests(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+def write_tests(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_tests=TESTS)
-    result, found = run(pytester, monkeypatch)
-    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
-    expect(found, "test_change_global_start_method", passed=True)
-    expect(found, "test_force_global_start_method", passed=True)
+
+
+@pytest.fixture(scope="module")
+def hostile_run() -> Once:
+    return Once(write_tests)
+
+
+def expected_outcomes() -> list[object]:
+    """``(inner test, expected)`` for every inner test of `TESTS` and start method."""
+    passed = Expected(passed=True)
+    stopped = "was still running after the 1s timeout, so it was stopped (terminated)"
+    params = [
+        param("test_change_global_start_method", passed),
+        param("test_force_global_start_method", passed),
+    ]
     for method in METHODS:
-        check = functools.partial(expect_in, found, method)
-        check("test_fork_and_forget", error=True, says=("left 1 process behind", "leaked pid"))
-        check("test_kill_own_manager", passed=True)
-        check("test_kill_own_queue_feeder", passed=True)
-        check("test_fixtures_keep_their_method", passed=True)
-        # Patching os.kill must not keep procsafe from stopping its own workers.
-        check(
-            "test_monkeypatched_os_kill",
-            error=True,
-            says=("was still running after the 1s timeout, so it was stopped (terminated)",),
-            within=15,
-        )
         if method == "fork":
-            check("test_chdir_into_removed_directory", passed=True)
+            chdir = passed
         else:
-            check(
-                "test_chdir_into_removed_directory",
+            chdir = Expected(
                 failed=True,
                 says=(
                     f"WorkerError: cannot start worker 'square-1' ({method}) of test_tests.py::"
@@ -209,14 +207,42 @@ def test_hostile_tests(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatc
                     "test process no longer exists",
                 ),
             )
-        check("test_mp_process_from_a_thread", passed=True)
-        check(
-            "test_hung_worker_from_a_thread",
-            error=True,
-            says=("was still running after the 1s timeout, so it was stopped (terminated)",),
-            within=15,
-        )
-        check("test_nested_pytest", passed=True)
+        for test, expected in (
+            (
+                "test_fork_and_forget",
+                Expected(error=True, says=("left 1 process behind", "leaked pid")),
+            ),
+            ("test_kill_own_manager", passed),
+            ("test_kill_own_queue_feeder", passed),
+            ("test_fixtures_keep_their_method", passed),
+            # Patching os.kill must not keep procsafe from stopping its own workers.
+            ("test_monkeypatched_os_kill", Expected(error=True, says=(stopped,), within=15)),
+            ("test_chdir_into_removed_directory", chdir),
+            ("test_mp_process_from_a_thread", passed),
+            ("test_hung_worker_from_a_thread", Expected(error=True, says=(stopped,), within=15)),
+            ("test_nested_pytest", passed),
+        ):
+            params.append(param(f"{test}[{method}]", expected))
+    return params
+
+
+def test_hostile_tests_fail_the_run(
+    hostile_run: Once, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result, _ = hostile_run.run(pytester, monkeypatch)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+
+
+@pytest.mark.parametrize(("name", "expected"), expected_outcomes())
+def test_hostile_tests(
+    hostile_run: Once,
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    expected: Expected,
+) -> None:
+    _, found = hostile_run.run(pytester, monkeypatch)
+    expect(found, name, expected)
 
 
 MANY = """
@@ -243,4 +269,4 @@ def test_200_short_lived_workers(
     result, found = run(pytester, monkeypatch)
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()
     for method in METHODS:
-        expect_in(found, method, "test_200_short_lived_workers", passed=True)
+        expect(found, f"test_200_short_lived_workers[{method}]", Expected(passed=True))

@@ -1,17 +1,17 @@
 """Hostile workers: whatever a worker does to itself, the run ends, reports it and leaves nothing.
 
 One inner run holds every case under every start method; each inner test is then checked
-on its own (outcome, message, time).
+on its own (outcome, message, time), by a parametrized check of its own.
 """
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 from hostilekit import METHODS
-from hostilekit import expect_in
-from hostilekit import run
+from hostilekit import Expected
+from hostilekit import Once
+from hostilekit import expect
+from hostilekit import param
 
 WORKERS = """
     import ctypes
@@ -302,67 +302,98 @@ WORKERS = """
 """
 
 
-def test_hostile_workers(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+def write_workers(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_workers=WORKERS)
-    result, found = run(pytester, monkeypatch)
-    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+
+
+@pytest.fixture(scope="module")
+def workers_run() -> Once:
+    return Once(write_workers)
+
+
+def expected_outcomes() -> list[object]:
+    """``(inner test, expected)`` for every inner test of `WORKERS` and start method."""
     stopped = "so it was stopped (killed after the 0.5s grace)"
     hung = "was still running after the 1s timeout, so it was stopped"
+    passed = Expected(passed=True)
+    params = []
     for method in METHODS:
-        check = functools.partial(expect_in, found, method)
-        # Hangs are stopped within timeout + stack wait + grace, generously bounded.
-        check("test_ignores_sigterm", error=True, says=(stopped,), within=15)
-        check("test_blocks_sigterm_and_sigint", error=True, says=(stopped,), within=15)
-        # The grandchild holds the worker's exit sentinel: waits must still see it exit.
-        check(
-            "test_forks_grandchild_and_exits",
-            error=True,
-            says=("left 1 process behind", "orphan pid"),
-            within=10,
-        )
-        check(
-            "test_tree_three_levels_hangs",
-            error=True,
-            says=(hung, "left 2 processes behind"),
-            within=15,
-        )
-        check(
-            "test_setsid_then_hangs",
-            error=True,
-            says=(hung, "left 1 process behind"),
-            within=15,
-        )
-        for test in (
-            "test_closes_stdout_and_stderr",
-            "test_redirects_stdout_and_stderr",
-            "test_closed_streams_then_raise",
-            "test_writes_50mb_to_stdout",
-            "test_segfault",
-            "test_recursion_limit",
-            "test_memory_limit",
-            "test_returns_100mb",
-            "test_returns_unpicklable",
-            "test_exception_pickling_fails",
-            "test_exception_unpickling_fails",
-            "test_system_exit_zero",
-            "test_keyboard_interrupt",
-            "test_os_exit_zero_before_result",
+        for test, expected in (
+            # Hangs are stopped within timeout + stack wait + grace, generously bounded.
+            ("test_ignores_sigterm", Expected(error=True, says=(stopped,), within=15)),
+            ("test_blocks_sigterm_and_sigint", Expected(error=True, says=(stopped,), within=15)),
+            # The grandchild holds the worker's exit sentinel: waits must still see it exit.
+            (
+                "test_forks_grandchild_and_exits",
+                Expected(error=True, says=("left 1 process behind", "orphan pid"), within=10),
+            ),
+            (
+                "test_tree_three_levels_hangs",
+                Expected(error=True, says=(hung, "left 2 processes behind"), within=15),
+            ),
+            (
+                "test_setsid_then_hangs",
+                Expected(error=True, says=(hung, "left 1 process behind"), within=15),
+            ),
+            ("test_closes_stdout_and_stderr", passed),
+            ("test_redirects_stdout_and_stderr", passed),
+            ("test_closed_streams_then_raise", passed),
+            ("test_writes_50mb_to_stdout", passed),
+            ("test_segfault", passed),
+            ("test_recursion_limit", passed),
+            ("test_memory_limit", passed),
+            ("test_returns_100mb", passed),
+            ("test_returns_unpicklable", passed),
+            ("test_exception_pickling_fails", passed),
+            ("test_exception_unpickling_fails", passed),
+            ("test_system_exit_zero", passed),
+            ("test_keyboard_interrupt", passed),
+            ("test_os_exit_zero_before_result", passed),
+            (
+                "test_segfault_unobserved",
+                Expected(error=True, says=("was killed by SIGSEGV before handing back a result",)),
+            ),
+            (
+                "test_exception_pickling_fails_unobserved",
+                Expected(
+                    error=True,
+                    says=(
+                        "raised test_workers.CannotPickle: bad exception",
+                        "refuses to be pickled",
+                    ),
+                ),
+            ),
+            (
+                "test_keyboard_interrupt_unobserved",
+                Expected(error=True, says=("raised KeyboardInterrupt",)),
+            ),
         ):
-            check(test, passed=True)
-        check(
-            "test_segfault_unobserved",
-            error=True,
-            says=("was killed by SIGSEGV before handing back a result",),
-        )
-        check(
-            "test_exception_pickling_fails_unobserved",
-            error=True,
-            says=("raised test_workers.CannotPickle: bad exception", "refuses to be pickled"),
-        )
-        check(
-            "test_keyboard_interrupt_unobserved",
-            error=True,
-            says=("raised KeyboardInterrupt",),
-        )
+            params.append(param(f"{test}[{method}]", expected))
+    return params
+
+
+def test_hostile_workers_fail_the_run(
+    workers_run: Once, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result, _ = workers_run.run(pytester, monkeypatch)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+
+
+def test_worker_output_goes_to_the_capture(
+    workers_run: Once, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The 50 MB went to the capture, not to the terminal: only failures show output.
+    result, _ = workers_run.run(pytester, monkeypatch)
     assert "x" * 1000 not in result.stdout.str()
+
+
+@pytest.mark.parametrize(("name", "expected"), expected_outcomes())
+def test_hostile_workers(
+    workers_run: Once,
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    expected: Expected,
+) -> None:
+    _, found = workers_run.run(pytester, monkeypatch)
+    expect(found, name, expected)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import badvalues
 from pytest_procsafe import _config
 from pytest_procsafe import _methods
 
@@ -75,44 +76,16 @@ def test_report_in_a_read_only_directory(tmp_path: Path) -> None:
         tmp_path.chmod(0o700)
 
 
-@pytest.mark.parametrize(
-    ("name", "value", "message"),
-    [
-        ("leaks", "loud", "--procsafe-leaks: invalid value 'loud'; allowed: fail, warn, off"),
-        ("leaks", "", "--procsafe-leaks: invalid value ''"),
-        ("start_methods", "thread", "--procsafe-start-methods: unknown start method 'thread'"),
-        ("start_methods", "", "--procsafe-start-methods: no start method given"),
-        (
-            "timeout",
-            "-1",
-            "--procsafe-timeout: invalid value '-1'; expected a number of seconds > 0",
-        ),
-        ("timeout", "0", "--procsafe-timeout: invalid value '0'"),
-        ("timeout", "nan", "--procsafe-timeout: invalid value 'nan'"),
-        ("timeout", "inf", "--procsafe-timeout: invalid value 'inf'"),
-        ("timeout", "soon", "--procsafe-timeout: invalid value 'soon'"),
-        (
-            "kill_grace",
-            "-0.5",
-            "--procsafe-kill-grace: invalid value '-0.5'; expected a number of seconds >= 0",
-        ),
-        (
-            "cleanup",
-            "later",
-            "--procsafe-cleanup: invalid value 'later'; allowed: auto, kill, session, keep",
-        ),
-        ("ignore", ["("], "--procsafe-ignore: invalid regular expression '('"),
-        ("ignore", [""], "--procsafe-ignore: invalid pattern ''"),
-        ("report", "", "--procsafe-report: invalid value ''"),
-    ],
-)
+@pytest.mark.parametrize("bad", badvalues.given(badvalues.CLI), ids=lambda bad: bad.id)
 def test_bad_cli_values_name_option_value_and_allowed(
-    name: str, value: object, message: str
+    bad: badvalues.BadValue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    badvalues.prepare(tmp_path)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(pytest.UsageError) as info:
-        resolve(cli={name: value})
+        resolve(cli={bad.option: bad.cli_value()})
     assert str(info.value).startswith("procsafe: ")
-    assert message in str(info.value)
+    assert bad.refused_in(str(info.value), badvalues.CLI), str(info.value)
 
 
 def test_bad_ini_value_names_the_ini_key() -> None:
