@@ -137,7 +137,12 @@ BAD_VALUES: Final = (
     ),
     BadValue("timeout-zero", "timeout", "0", f"invalid value '0'; {_SECONDS} > 0"),
     BadValue("timeout-nan", "timeout", "nan", f"invalid value 'nan'; {_SECONDS} > 0"),
-    BadValue("timeout-infinite", "timeout", "inf", f"invalid value 'inf'; {_SECONDS} > 0"),
+    BadValue(
+        "timeout-infinite",
+        "timeout",
+        "inf",
+        "invalid value 'inf'; expected a finite number of seconds > 0",
+    ),
     BadValue(
         "timeout-toml-list", "timeout", "[1, 2]", f"invalid value *; {_SECONDS} > 0", forms=(TOML,)
     ),

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-RUN_LIMIT = 240.0  # an inner run that takes this long is hung: fail instead of waiting
+from e2ekit import RUN_LIMIT
+from e2ekit import run
 
 PROBES = """
 import sys
@@ -64,5 +65,5 @@ def test_children_import_no_pytest(pytester: pytest.Pytester, how: str) -> None:
             str(SCRIPT), f"--basetemp={pytester.path / 'inner-tmp'}", *options, timeout=RUN_LIMIT
         )
     else:
-        result = pytester.runpytest_subprocess(*options, timeout=RUN_LIMIT)
+        result = run(pytester, options=options)
     result.assert_outcomes(passed=4)

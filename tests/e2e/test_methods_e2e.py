@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-RUN_LIMIT = 240.0  # an inner run that takes this long is hung: fail instead of waiting
+from e2ekit import run
 
 OVERRIDDEN = """
 import pytest
+from e2ekit import run
 
 @pytest.fixture
 def mp_start_method():
@@ -16,6 +17,7 @@ def mp_start_method():
 
 MARKED = """
 import pytest
+from e2ekit import run
 
 @pytest.mark.procsafe(start_methods="fork")
 def test_marked(mp_context):
@@ -29,7 +31,7 @@ def test_unmarked(mp_context):
 def test_a_marker_a_conftest_overrides_is_not_silently_ignored(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(OVERRIDDEN)
     pytester.makepyfile(test_marked=MARKED)
-    result = pytester.runpytest_subprocess("-p", "procsafe", "-W", "default", timeout=RUN_LIMIT)
+    result = run(pytester, "-W", "default")
     result.assert_outcomes(passed=2, warnings=1)
     result.stdout.fnmatch_lines(
         [

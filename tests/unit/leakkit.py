@@ -12,7 +12,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import final
+
+import pytest
 
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
@@ -123,3 +126,15 @@ class Kids:
         _reaper.stop(targets, 0.0, ROOT)
         for popen in self.popens:
             popen.wait(WAIT)
+
+
+@pytest.fixture(name="kids")
+def kids_fixture() -> Iterator[Kids]:
+    """A `Kids` whose processes are all stopped and reaped when the test ends."""
+    with Kids() as started:
+        yield started
+
+
+def sleep_forever() -> None:
+    """A child's target that outlives any test that forgets it (bounded by `WAIT`)."""
+    time.sleep(WAIT)

@@ -13,7 +13,6 @@ import re
 import signal
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -24,7 +23,9 @@ import pytest
 from leakkit import ROOT
 from leakkit import WAIT
 from leakkit import Kids
+from leakkit import kids_fixture  # noqa: F401  (the kids fixture)
 from leakkit import proc
+from leakkit import sleep_forever
 from leakkit import wait_until
 
 from pytest_procsafe import LeakedProcess
@@ -38,12 +39,6 @@ from pytest_procsafe._tracker import Owner
 from pytest_procsafe._tracker import Tracker
 
 pytestmark = pytest.mark.skipif(not _proctable.LINUX, reason="zombies and orphans: Linux")
-
-
-@pytest.fixture
-def kids() -> Iterator[Kids]:
-    with Kids() as started:
-        yield started
 
 
 @pytest.fixture
@@ -108,10 +103,6 @@ def run_test(
     start()
     checks.advance("teardown")
     return checks.test_end(lambda: test_settings or checks.settings)
-
-
-def sleep_forever() -> None:
-    time.sleep(WAIT)
 
 
 # --- the tracker: owners and kinds --------------------------------------------------------

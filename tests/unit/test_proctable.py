@@ -16,7 +16,9 @@ import pytest
 from leakkit import ROOT
 from leakkit import WAIT
 from leakkit import Kids
+from leakkit import kids_fixture  # noqa: F401  (the kids fixture)
 from leakkit import proc
+from leakkit import sleep_forever
 from leakkit import wait_until
 
 from pytest_procsafe import _escalate
@@ -28,20 +30,10 @@ pytestmark = pytest.mark.skipif(not _proctable.LINUX, reason="procfs and subreap
 
 
 @pytest.fixture
-def kids() -> Iterator[Kids]:
-    with Kids() as started:
-        yield started
-
-
-@pytest.fixture
 def table() -> Iterator[ProcTable]:
     table = ProcTable()
     yield table
     table.close()
-
-
-def sleep_forever() -> None:
-    time.sleep(WAIT)
 
 
 def exit_with(code: int) -> None:
