@@ -24,7 +24,7 @@ NOTHING_LEFT = """
 
     import pytest
 
-    from pytest_procsafe import _channels
+    from pytest_procsafe import _owned
 
 
     @pytest.fixture(autouse=True)
@@ -33,7 +33,7 @@ NOTHING_LEFT = """
         feeders = [t for t in threading.enumerate() if t.name == "QueueFeederThread"]
         assert feeders == [], "a queue feeder thread outlived the test"
         assert multiprocessing.active_children() == [], "a process outlived the test"
-        assert _channels.owned_pids() == set()
+        assert _owned.pids() == set()
 """
 
 ROUND_TRIPS = """
