@@ -10,12 +10,10 @@ statuses.
 from __future__ import annotations
 
 import contextlib
-import gc
 import multiprocessing
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Collection
 from collections.abc import Iterable
@@ -24,6 +22,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from pytest_procsafe import _escalate
+from pytest_procsafe import _holders
 from pytest_procsafe._proctable import LINUX
 from pytest_procsafe._proctable import Proc
 from pytest_procsafe._proctable import descends
@@ -48,9 +47,8 @@ def python_children(*, deep: bool = False) -> dict[int, object]:
         if isinstance(popen, subprocess.Popen) and popen.returncode is None:
             found.setdefault(popen.pid, popen)
     if deep:
-        for obj in gc.get_objects():
-            if isinstance(obj, subprocess.Popen) and obj.returncode is None:
-                found.setdefault(obj.pid, obj)
+        for pid, obj in _holders.objects().processes.items():
+            found.setdefault(pid, obj)
     return found
 
 
@@ -100,9 +98,16 @@ def reap(procs: Iterable[Proc], root: int, handles: Mapping[int, object] | None 
         if current is None or not current.zombie or current.ppid != root:
             continue
         handle = owners.get(proc.pid)
-        if isinstance(handle, subprocess.Popen):
-            handle.poll()
-        elif handle is None:
+        if _holders.is_popen(handle):
+            handle.poll()  # type: ignore[attr-defined]
+        elif handle is not None:
+            # A process object of multiprocessing or a relative (loky, multiprocess):
+            # its own popen reaps it and keeps its exit code right.
+            poll = getattr(getattr(handle, "_popen", None), "poll", None)
+            if callable(poll):
+                with contextlib.suppress(Exception):
+                    poll()
+        else:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(proc.pid, os.WNOHANG)
 
@@ -170,7 +175,7 @@ def dies_on_sigterm(pid: int) -> bool:
     return len(masks) == 3 and not any(int(mask, 16) & bit for mask in masks)
 
 
-def _end_pools(pids: Collection[int]) -> None:
+def _end_pools(pids: Collection[int], pools: Sequence[object]) -> None:
     """Terminate the live pools with a worker among *pids*.
 
     A pool's handler thread respawns workers that die, so killing them is not enough;
@@ -179,16 +184,12 @@ def _end_pools(pids: Collection[int]) -> None:
     joins workers it sent SIGTERM with no timeout, so a pool is only terminated when
     every worker would die of it; the others are left to the escalation.
     """
-    module = sys.modules.get("multiprocessing.pool")
-    if module is None:  # never imported: there is no pool
-        return
-    for obj in gc.get_objects():
-        if isinstance(obj, module.Pool):
-            workers = [getattr(w, "pid", None) for w in getattr(obj, "_pool", None) or ()]
-            if any(pid in pids for pid in workers) and all(
-                isinstance(pid, int) and dies_on_sigterm(pid) for pid in workers
-            ):
-                obj.terminate()
+    for pool in pools:
+        workers = [getattr(w, "pid", None) for w in getattr(pool, "_pool", None) or ()]
+        if any(pid in pids for pid in workers) and all(
+            isinstance(pid, int) and dies_on_sigterm(pid) for pid in workers
+        ):
+            pool.terminate()  # type: ignore[attr-defined]
 
 
 def stop(
@@ -203,13 +204,15 @@ def stop(
     ordered = depth_order(procs)
     pids = {proc.pid for proc in ordered}
     alive = {proc.pid for proc in running(ordered)}
+    handles: dict[int, object] = {}
     if pools:
-        _end_pools(pids)
-    handles = {
-        pid: handle
-        for pid, handle in python_children(deep=pools).items()
-        if pid in pids and isinstance(handle, subprocess.Popen)
-    }
+        found = _holders.objects()
+        _end_pools(pids, found.pools)
+        handles = {
+            pid: handle
+            for pid, handle in found.processes.items()
+            if pid in pids and _holders.is_popen(handle)
+        }
     # What was running counts as killed even when a pool's terminate() ended it.
     actions: dict[int, Literal["killed", "reaped"]] = {
         pid: "killed" if pid in alive else "reaped" for pid in pids

@@ -1,0 +1,314 @@
+"""Who holds a survivor: the Python objects behind processes and segments, and their holders.
+
+After a test, a process (or segment) still running may be *held* rather than leaked: a
+module or class attribute, a cache in a module, a reusable executor keeps it on purpose
+for later tests. This module owns the two walks that answer that, and is the only place
+that walks the garbage collector's objects:
+
+* `objects` finds, in one pass over ``gc.get_objects()``, the objects that stand for
+  processes (``multiprocessing``'s ``BaseProcess`` and its relatives' of the same name:
+  loky, multiprocess, billiard; ``subprocess.Popen``), for semaphores (``SemLock``) and
+  for shared memory (``SharedMemory``), and the pools among them;
+* `holders` walks referrers up from such objects (``gc.get_referrers``, one scan per
+  level, all targets at once) to a module's globals or a class's attributes, and names
+  the way down as a user would write it: ``reuse._executor``, ``test_g.LAZY['p']``,
+  ``Cache.pool``.
+
+What pytest, the interpreter, procsafe and the standard library keep (frames and
+tracebacks of a failure, ``sys.last_exc``, multiprocessing's ``_children`` and its
+finalizers, pool handler threads in ``threading``) holds nothing: such roots are not
+followed, so a test that fails while holding a pool in a local variable still leaked it.
+
+Every object is looked at through ``type(obj)`` only: ``isinstance`` on a dead
+``weakref.proxy`` raises ``ReferenceError``. Both walks cost time only when a check has
+candidates. Imports neither pytest nor the plugin.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import types
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+from typing import Final
+from typing import NamedTuple
+
+#: How many referrer levels above an object a holder is looked for.
+DEPTH: Final = 10
+#: At most this many objects per level are followed: ``gc.get_referrers`` costs a pass
+#: over every object times the number of objects asked about.
+WIDTH: Final = 64
+
+# Top-level packages whose module globals hold nothing a test made: the runner, its
+# plugins' machinery, procsafe, and (added below) the standard library.
+_NEUTRAL: Final = frozenset(
+    {"_pytest", "pytest", "pluggy", "pytest_procsafe", "xdist", "execnet", "py", "__main__"}
+)
+# Referrers that never make a holder: a failure's frames and tracebacks, suspended code.
+# (Compared by exact type: these types cannot be subclassed.)
+_OPAQUE: Final = frozenset(
+    {
+        types.FrameType,
+        types.TracebackType,
+        types.CoroutineType,
+        types.GeneratorType,
+        types.AsyncGeneratorType,
+    }
+)
+
+Kind = str  # "process", "popen", "semlock", "shared_memory", "pool"
+
+
+class Found(NamedTuple):
+    """What the object walk found: Python objects by what they stand for."""
+
+    #: pid -> the process object (``BaseProcess``-like or ``Popen``).
+    processes: dict[int, Any]
+    #: POSIX name (``/mp-x``) -> a live SemLock-like object.
+    semlocks: dict[str, Any]
+    #: POSIX name (``/psm_x``) -> a live SharedMemory-like object.
+    shared_memory: dict[str, Any]
+    #: multiprocessing pools (``multiprocessing.pool.Pool`` and subclasses).
+    pools: list[Any]
+
+
+def _mro_names(cls: type) -> set[str]:
+    try:
+        return {base.__name__ for base in cls.__mro__}
+    except Exception:  # an exotic metaclass
+        return set()
+
+
+def _classify(cls: type) -> Kind | None:
+    names = _mro_names(cls)
+    if "BaseProcess" in names and cls.__module__.partition(".")[0] != "pytest_procsafe":
+        return "process"
+    if subprocess.Popen in getattr(cls, "__mro__", ()):
+        return "popen"
+    if "SemLock" in names:
+        return "semlock"
+    if "SharedMemory" in names:
+        return "shared_memory"
+    pool = sys.modules.get("multiprocessing.pool")
+    if pool is not None and pool.Pool in getattr(cls, "__mro__", ()):
+        return "pool"
+    return None
+
+
+# type -> its kind, or None: each type is classified once for the process's lifetime.
+_KINDS: dict[type, Kind | None] = {}
+
+
+def objects() -> Found:
+    """One pass over the garbage collector's objects: see `Found`."""
+    found = Found({}, {}, {}, [])
+    kinds = _KINDS
+    for obj in gc.get_objects():
+        cls = type(obj)
+        try:
+            kind = kinds[cls]
+        except KeyError:
+            kind = kinds[cls] = _classify(cls)
+        except TypeError:  # an unhashable metaclass
+            continue
+        if kind is not None:
+            _take(found, kind, obj)
+    return found
+
+
+def _take(found: Found, kind: Kind, obj: Any) -> None:
+    try:
+        if kind == "process":
+            popen = obj.__dict__.get("_popen")
+            pid = getattr(popen, "pid", None)
+            if isinstance(pid, int) and getattr(popen, "returncode", None) is None:
+                found.processes.setdefault(pid, obj)
+        elif kind == "popen":
+            if isinstance(obj.pid, int) and obj.returncode is None:
+                found.processes.setdefault(obj.pid, obj)
+        elif kind == "semlock":
+            name = getattr(obj.__dict__.get("_semlock"), "name", None)
+            if isinstance(name, str):
+                found.semlocks.setdefault(name if name.startswith("/") else "/" + name, obj)
+        elif kind == "shared_memory":
+            name = obj.__dict__.get("_name")
+            if isinstance(name, str):
+                found.shared_memory.setdefault(name if name.startswith("/") else "/" + name, obj)
+        else:
+            found.pools.append(obj)
+    except Exception:  # a half-built or torn-down object: it stands for nothing
+        return
+
+
+def kind_of(cls: type) -> Kind | None:
+    """What objects of *cls* stand for (see `Found`), classified once per type."""
+    try:
+        return _KINDS[cls]
+    except KeyError:
+        kind = _KINDS[cls] = _classify(cls)
+        return kind
+    except TypeError:  # an unhashable metaclass
+        return None
+
+
+def is_popen(obj: object) -> bool:
+    """Whether *obj* is a ``subprocess.Popen`` (looked at through its type only)."""
+    return kind_of(type(obj)) == "popen"
+
+
+def _neutral(module: str) -> bool:
+    top = module.partition(".")[0]
+    return top in _NEUTRAL or top in _STDLIB
+
+
+_STDLIB: Final = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins", "sys"}
+
+
+def _roots() -> tuple[dict[int, str], set[int]]:
+    """Module globals that can hold (id -> module name), and those that cannot."""
+    holding: dict[int, str] = {}
+    neutral: set[int] = set()
+    for name, module in list(sys.modules.items()):
+        if type(module) is not types.ModuleType:
+            continue
+        namespace = module.__dict__
+        if _neutral(name):
+            neutral.add(id(namespace))
+        else:
+            holding[id(namespace)] = name
+    return holding, neutral
+
+
+def holders(targets: Mapping[Any, Any], *, depth: int = DEPTH) -> dict[Any, str]:
+    """For each key of *targets* whose object is held, the holder's name.
+
+    Walks referrers up from all objects at once, one ``gc.get_referrers`` scan per level,
+    until a module's globals or a class's attributes; frames, tracebacks, suspended
+    generators and the globals of the runner, procsafe and the standard library are not
+    followed.
+    """
+    if not targets:
+        return {}
+    holding, neutral = _roots()
+    # id(obj) -> {target key: the object one step nearer that target (None: the target)}
+    down: dict[int, dict[Any, Any]] = {}
+    frontier: dict[int, Any] = {}
+    for key, obj in targets.items():
+        down.setdefault(id(obj), {})[key] = None
+        frontier[id(obj)] = obj
+    named: dict[Any, str] = {}
+    ours = {id(down), id(frontier), id(targets), id(named)}
+    for _ in range(depth):
+        if not frontier or len(named) == len(targets):
+            break
+        objs = list(frontier.values())
+        ours.add(id(objs))
+        referrers = gc.get_referrers(*objs)
+        ours.add(id(referrers))
+        following: dict[int, Any] = {}
+        for ref in referrers:
+            ident = id(ref)
+            cls = type(ref)  # never isinstance(): a dead weakref.proxy raises there
+            if ident in ours or ident in down or ident in neutral or cls in _OPAQUE:
+                continue
+            routes = {
+                key: child
+                for child in _referents(ref)
+                if id(child) in frontier
+                for key in down[id(child)]
+                if key not in named
+            }
+            if not routes:
+                continue
+            if ident in holding:
+                for key, child in routes.items():
+                    _name(named, key, _describe(holding[ident], ref, child, key, down))
+                continue
+            if issubclass(cls, type):
+                # A class reaches its attributes through its namespace dict (the child).
+                if not _neutral(getattr(ref, "__module__", "") or ""):
+                    qualname = getattr(ref, "__qualname__", "?")
+                    for key, child in routes.items():
+                        below = down[id(child)].get(key)
+                        if below is not None:
+                            _name(named, key, _describe(qualname, child, below, key, down))
+                continue
+            if len(following) < WIDTH:
+                down[ident] = routes
+                following[ident] = ref
+        frontier = following
+        del objs, referrers
+    return named
+
+
+def _referents(obj: Any) -> list[Any]:
+    try:
+        return gc.get_referents(obj)
+    except Exception:
+        return []
+
+
+def _name(named: dict[Any, str], key: Any, name: str | None) -> None:
+    if name is not None:
+        named.setdefault(key, name)
+
+
+def _describe(
+    root: str, namespace: Any, child: Any, key: Any, down: Mapping[int, dict[Any, Any]]
+) -> str | None:
+    """``root.attr`` and the subscripts of the containers below it, as a user writes it."""
+    attr = _key_of(namespace, child)
+    if attr is None:
+        return None
+    name = f"{root}.{attr}"
+    obj = child
+    while type(obj) in (dict, list, tuple):
+        below = down.get(id(obj), {}).get(key)
+        if below is None:
+            break
+        index = _index_of(obj, below)
+        if index is None:
+            break
+        name += f"[{index!r}]"
+        obj = below
+    return name
+
+
+def _key_of(namespace: Any, value: Any) -> str | None:
+    try:
+        for key, item in list(namespace.items()):
+            if item is value and isinstance(key, str):
+                return key
+    except Exception:
+        return None
+    return None
+
+
+def _index_of(container: Any, value: Any) -> object | None:
+    try:
+        if type(container) is dict:
+            for key, item in list(container.items()):
+                if item is value:
+                    found: object = key
+                    return found
+        else:
+            for index, item in enumerate(container):
+                if item is value:
+                    return index
+    except Exception:
+        return None
+    return None
+
+
+def held_by(
+    targets: Mapping[Any, Any], cache: dict[Any, str | None], *, key: Callable[[Any], Any]
+) -> dict[Any, str]:
+    """`holders` with a cache: a target's holder is searched once (by ``key(target)``)."""
+    unknown = {k: obj for k, obj in targets.items() if key(k) not in cache}
+    found = holders(unknown) if unknown else {}
+    for k in unknown:
+        cache[key(k)] = found.get(k)
+    return {k: name for k in targets if (name := cache.get(key(k))) is not None}
