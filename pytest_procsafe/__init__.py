@@ -10,8 +10,8 @@ from pytest_procsafe._version import __version__
 
 if TYPE_CHECKING:
     from pytest_procsafe._channels import Channels
-    from pytest_procsafe._leaks import LeakedProcess
     from pytest_procsafe._leaks import ProcessLeakWarning
+    from pytest_procsafe._report import LeakedProcess
     from pytest_procsafe._timeouts import ChannelTimeout
     from pytest_procsafe._worker import Worker
     from pytest_procsafe._worker import WorkerCrashed
@@ -39,7 +39,7 @@ __all__ = [
 _LAZY: Final = {
     "ChannelTimeout": "_timeouts",
     "Channels": "_channels",
-    "LeakedProcess": "_leaks",
+    "LeakedProcess": "_report",
     "ProcessLeakWarning": "_leaks",
     "Worker": "_worker",
     "WorkerCrashed": "_worker",

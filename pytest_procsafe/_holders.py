@@ -59,7 +59,7 @@ _OPAQUE: Final = frozenset(
     }
 )
 
-Kind = str  # "process", "popen", "semlock", "shared_memory", "pool"
+Kind = str  # "process", "popen", "semlock", "shared_memory", "pool", "executor"
 
 
 class Found(NamedTuple):
@@ -73,6 +73,33 @@ class Found(NamedTuple):
     shared_memory: dict[str, Any]
     #: multiprocessing pools (``multiprocessing.pool.Pool`` and subclasses).
     pools: list[Any]
+    #: Process pool executors (concurrent.futures', loky's).
+    executors: list[Any]
+
+    def name(self, pid: int) -> str | None:
+        """What *pid* is on the Python side: ``ForkPoolWorker-1 of a
+        multiprocessing.pool.Pool``; None for a ``Popen`` (its args are its command line)
+        or a process no object here stands for."""
+        obj = self.processes.get(pid)
+        if obj is None or kind_of(type(obj)) != "process":
+            return None
+        name = obj.__dict__.get("_name")
+        text = name if isinstance(name, str) else type(obj).__name__
+        for group, members in self._groups():
+            if pid in members:
+                cls = type(group)
+                return f"{text} of a {cls.__module__}.{cls.__qualname__}"
+        return text
+
+    def _groups(self) -> list[tuple[Any, set[Any]]]:
+        groups = []
+        for pool in self.pools:
+            workers = pool.__dict__.get("_pool") or ()
+            groups.append((pool, {getattr(w, "pid", None) for w in list(workers)}))
+        for executor in self.executors:
+            processes = executor.__dict__.get("_processes") or {}
+            groups.append((executor, set(processes)))
+        return groups
 
 
 def _mro_names(cls: type) -> set[str]:
@@ -95,6 +122,8 @@ def _classify(cls: type) -> Kind | None:
     pool = sys.modules.get("multiprocessing.pool")
     if pool is not None and pool.Pool in getattr(cls, "__mro__", ()):
         return "pool"
+    if "ProcessPoolExecutor" in names:
+        return "executor"
     return None
 
 
@@ -104,7 +133,7 @@ _KINDS: dict[type, Kind | None] = {}
 
 def objects() -> Found:
     """One pass over the garbage collector's objects: see `Found`."""
-    found = Found({}, {}, {}, [])
+    found = Found({}, {}, {}, [], [])
     kinds = _KINDS
     for obj in gc.get_objects():
         cls = type(obj)
@@ -137,8 +166,10 @@ def _take(found: Found, kind: Kind, obj: Any) -> None:
             name = obj.__dict__.get("_name")
             if isinstance(name, str):
                 found.shared_memory.setdefault(name if name.startswith("/") else "/" + name, obj)
-        else:
+        elif kind == "pool":
             found.pools.append(obj)
+        else:
+            found.executors.append(obj)
     except Exception:  # a half-built or torn-down object: it stands for nothing
         return
 
@@ -157,6 +188,22 @@ def kind_of(cls: type) -> Kind | None:
 def is_popen(obj: object) -> bool:
     """Whether *obj* is a ``subprocess.Popen`` (looked at through its type only)."""
     return kind_of(type(obj)) == "popen"
+
+
+# type -> whether it is the runner's or procsafe's own (its objects are not followed).
+_RUNNER_TYPES: dict[type, bool] = {}
+
+
+def _runner_type(cls: type) -> bool:
+    try:
+        return _RUNNER_TYPES[cls]
+    except KeyError:
+        module = getattr(cls, "__module__", None)
+        verdict = isinstance(module, str) and module.partition(".")[0] in _NEUTRAL
+        _RUNNER_TYPES[cls] = verdict
+        return verdict
+    except TypeError:
+        return False
 
 
 def _neutral(module: str) -> bool:
@@ -214,6 +261,8 @@ def holders(targets: Mapping[Any, Any], *, depth: int = DEPTH) -> dict[Any, str]
             cls = type(ref)  # never isinstance(): a dead weakref.proxy raises there
             if ident in ours or ident in down or ident in neutral or cls in _OPAQUE:
                 continue
+            if _runner_type(cls):
+                continue  # the runner's and procsafe's own objects hold nothing
             routes = {
                 key: child
                 for child in _referents(ref)
@@ -280,7 +329,8 @@ def _describe(
 def _key_of(namespace: Any, value: Any) -> str | None:
     try:
         for key, item in list(namespace.items()):
-            if item is value and isinstance(key, str):
+            # A module's own dunders (__loader__, __spec__, __builtins__) hold nothing.
+            if item is value and isinstance(key, str) and not key.startswith("__"):
                 return key
     except Exception:
         return None

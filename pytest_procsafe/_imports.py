@@ -73,7 +73,8 @@ def _excluded_roots() -> tuple[str, ...]:
     return tuple(sorted(root.rstrip(os.sep) + os.sep for root in normalized))
 
 
-def _excluded(path: str) -> bool:
+def excluded(path: str) -> bool:
+    """Whether *path* lies in the standard library or site-packages (children find it)."""
     roots = _excluded_roots()
     cheap = os.path.normcase(os.path.abspath(path))
     if cheap.startswith(roots):
@@ -112,9 +113,9 @@ def collect(modules: Mapping[str, ModuleType | None] | None = None) -> dict[str,
         file = getattr(module, "__file__", None)
         if isinstance(file, str):
             file = os.path.abspath(file)
-            if not _excluded(file) and os.path.isfile(file):
+            if not excluded(file) and os.path.isfile(file):
                 entries[name] = Entry(file, paths)
-        elif paths and not all(_excluded(path) for path in paths):
+        elif paths and not all(excluded(path) for path in paths):
             entries[name] = Entry(None, paths)
     for name in list(entries):
         parent = name.rpartition(".")[0]

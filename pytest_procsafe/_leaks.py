@@ -19,7 +19,6 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 from typing import Any
-from typing import Literal
 from typing import final
 
 import pytest
@@ -29,17 +28,16 @@ from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
 from pytest_procsafe import _report
 from pytest_procsafe import _segments
+from pytest_procsafe._machinery import detach
 from pytest_procsafe._proctable import Proc
+from pytest_procsafe._report import LeakedProcess
 from pytest_procsafe._tracker import Found
-from pytest_procsafe._tracker import LeakKind
 from pytest_procsafe._tracker import Owner
 from pytest_procsafe._tracker import Tracker
-from pytest_procsafe._tracker import detach
 
 if TYPE_CHECKING:
     from pytest_procsafe._config import Settings
 
-Action = Literal["killed", "reaped", "kept"]
 Where = tuple[str, int]
 
 
@@ -47,36 +45,6 @@ class ProcessLeakWarning(pytest.PytestWarning):
     """A test, fixture or the session left processes behind (``--procsafe-leaks=warn``)."""
 
     __module__ = "pytest_procsafe"
-
-
-@final
-@dataclasses.dataclass(frozen=True)
-class LeakedProcess:
-    """One process left behind, as the hooks and the report see it."""
-
-    __module__ = "pytest_procsafe"
-
-    pid: int
-    ppid: int
-    cmdline: tuple[str, ...]
-    kind: LeakKind
-    #: A test node id, ``fixture <name>`` or ``session``.
-    owner: str
-    #: When it was first seen: ``setup``, ``call``, ``teardown``, ``collection``, ``session``.
-    phase: str
-    action: Action
-
-    def as_dict(self) -> dict[str, object]:
-        """The JSON report's form (plain types only: it also travels between processes)."""
-        return {
-            "owner": self.owner,
-            "kind": self.kind,
-            "pid": self.pid,
-            "ppid": self.ppid,
-            "cmdline": list(self.cmdline),
-            "phase": self.phase,
-            "action": self.action,
-        }
 
 
 @final
@@ -104,6 +72,8 @@ class LeakChecks:
         self.report_error: str | None = None
         # Workers made before this session are not its own (it runs nested in a test).
         self._since = time.monotonic()
+        #: Pids the last process check reported: their segments go with them.
+        self._leaking: set[int] = set()
 
     def activate(self) -> None:
         """Start tracking (not under ``leaks=off``: off costs nothing, changes nothing)."""
@@ -262,8 +232,12 @@ class LeakChecks:
         entries = tracker.take(owner)
         if settings.leaks == "off":  # a marker turned the checks off for this test
             tracker.exempt.update(entry.proc.pid for entry in entries)
+            detach(entry.proc for entry in entries)  # exempt never makes pytest wait
             return None
-        found = tracker.classify(entries, later=self._session)
+        session = owner is self._session
+        # What an outliving object holds moves to the session, which reports it at the
+        # end if it is still running then (and does not look for its holder again).
+        found = tracker.classify(entries, later=self._session, find_holders=not session)
         cleanup = self.settings.cleanup
         leaks: list[tuple[Found, LeakedProcess]] = []
         for item in found:
@@ -275,9 +249,13 @@ class LeakChecks:
                 owner=owner.label,
                 phase=item.seen.phase,
                 action="kept" if cleanup == "keep" else "reaped" if item.proc.zombie else "killed",
+                name=item.name,
+                held_by=item.seen.held_by,
+                created_at=item.created_at,
             )
             if self._ignored(record, settings):
                 tracker.exempt.add(record.pid)
+                detach([item.proc])
             else:
                 leaks.append((item, record))
         if not leaks:
@@ -295,18 +273,38 @@ class LeakChecks:
         else:
             detach(procs)
             tracker.exempt.update(proc.pid for proc in procs)
+        self._leaking = {record.pid for record in records}
         dicts = [record.as_dict() for record in records]
         self.report.add(dicts)
-        return self._deliver(_report.describe(owner.label, dicts, cleanup), owner, settings, test)
+        held = [d for d in dicts if d["held_by"] is not None]
+        loose = [d for d in dicts if d["held_by"] is None]
+        message = None
+        if loose:
+            where = owner.where or _report.where_of(loose)
+            text = _report.describe(owner.label, loose, cleanup)
+            message = self._deliver(text, owner, settings, test, where=where)
+        if held:
+            # Held on purpose, still running at the end: told, never a failure.
+            text = _report.describe(owner.label, held, cleanup)
+            self._warn(text, _report.where_of(held), escalate=False)
+        return message
 
-    def _deliver(self, message: str, owner: Owner, settings: Settings, test: bool) -> str | None:
+    def _deliver(
+        self,
+        message: str,
+        owner: Owner,
+        settings: Settings,
+        test: bool,
+        *,
+        where: Where | Callable[[], Where] | None = None,
+    ) -> str | None:
         """Warn, or fail: the failure text for a test, the run's status otherwise."""
         if settings.leaks == "fail":
             if test:
                 return message
             self.failed = True
             return None
-        where = owner.where
+        where = where or owner.where
         self._warn(message, where() if callable(where) else where, escalate=test)
         return None
 
@@ -340,11 +338,11 @@ class LeakChecks:
 
     def _warn(self, message: str, where: Where | None, *, escalate: bool) -> None:
         warning = ProcessLeakWarning(message)
+        # Shown at the test's, the fixture's, the holder's or the creating line; never at
+        # procsafe's own (a session-wide leak that nothing locates reads "session").
+        filename, lineno = where if where is not None else ("session", 0)
         try:
-            if where is not None:  # shown at the test's or fixture's own line
-                warnings.warn_explicit(warning, ProcessLeakWarning, where[0], where[1])
-            else:
-                warnings.warn(warning, stacklevel=3)
+            warnings.warn_explicit(warning, ProcessLeakWarning, filename, lineno)
         except ProcessLeakWarning:
             # ``-W error::...``: a test errors in its teardown; outside tests (a fixture's
             # finalization at session end, the session itself) the run fails instead.

@@ -12,8 +12,11 @@ instead, with ``pid`` and ``ppid`` None and an empty ``cmdline``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import re
+import sys
 import tempfile
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from typing import Final
+from typing import Literal
 from typing import Protocol
 from typing import final
 
@@ -34,6 +38,93 @@ SEGMENT_KINDS: Final = ("shared_memory", "semaphore")
 WIDTH: Final = 160
 
 Record = Mapping[str, Any]
+Action = Literal["killed", "reaped", "kept"]
+LeakKind = Literal["leaked", "zombie", "orphan"]
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class LeakedProcess:
+    """One process left behind, as the hooks and the report see it."""
+
+    __module__ = "pytest_procsafe"
+
+    pid: int
+    ppid: int
+    cmdline: tuple[str, ...]
+    kind: LeakKind
+    #: A test node id, ``fixture <name>`` or ``session``.
+    owner: str
+    #: When it was first seen: ``setup``, ``call``, ``teardown``, ``collection``, ``session``.
+    phase: str
+    action: Action
+    #: What it is on the Python side (``ForkPoolWorker-1 of a multiprocessing.pool.Pool``).
+    name: str | None = None
+    #: Who holds it, as a user writes it (``reuse._executor``): a held process belongs to
+    #: the session, not to the test that started it.
+    held_by: str | None = None
+    #: ``path:line`` of the user's code that started it.
+    created_at: str | None = None
+    #: Its Python stack (all threads) when it was found, where one could be had.
+    stack: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON report's form (plain types only: it also travels between processes)."""
+        return {
+            "owner": self.owner,
+            "kind": self.kind,
+            "pid": self.pid,
+            "ppid": self.ppid,
+            "cmdline": list(self.cmdline),
+            "name": self.name,
+            "phase": self.phase,
+            "action": self.action,
+            "held_by": self.held_by,
+            "created_at": self.created_at,
+            "stack": self.stack,
+        }
+
+
+def where_of(records: Sequence[Record]) -> tuple[str, int] | None:
+    """Where a warning about *records* should point: the holder's definition, or the line
+    that started the first of them."""
+    for record in records:
+        place = _holder_place(record.get("held_by"))
+        if place is not None:
+            return place
+    for record in records:
+        created = record.get("created_at")
+        if isinstance(created, str) and ":" in created:
+            path, _, line = created.rpartition(":")
+            if line.isdigit():
+                return path, int(line)
+    return None
+
+
+def _holder_place(held_by: object) -> tuple[str, int] | None:
+    """The file and line where ``module.attr`` (or ``Class.attr``) is assigned."""
+    if not isinstance(held_by, str):
+        return None
+    parts = held_by.split("[", 1)[0].split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:cut]))
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str):
+            return path, _assignment_line(path, parts[cut])
+    return None
+
+
+def _assignment_line(path: str, name: str) -> int:
+    pattern = re.compile(rf"^\s*(?:{re.escape(name)}\s*[:=]|(?:def|class)\s+{re.escape(name)}\b)")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            for number, line in enumerate(file, 1):
+                if pattern.match(line):
+                    return number
+    except OSError:
+        pass
+    return 1
+
 
 _WHEN: Final = {
     "killed": "stopped",
@@ -57,9 +148,15 @@ def _line(record: Record, action: bool) -> str:
     done = f", {record['action']}" if action else ""
     if record["pid"] is None:  # a segment or semaphore: its name says what it is
         return f"{record['kind']} {record['name']} (appeared in {record['phase']}{done})"
+    facts = [f"appeared in {record['phase']}"]
+    if record.get("created_at"):
+        facts.append(f"created at {record['created_at']}")
+    if record.get("held_by"):
+        facts.append(f"held by {record['held_by']}")
+    name = record.get("name")
+    what = f" {name}" if name else ""
     return (
-        f"{record['kind']} pid {record['pid']} (appeared in {record['phase']}{done}): "
-        f"{command(record)}"
+        f"{record['kind']} pid {record['pid']}{what} ({', '.join(facts)}{done}): {command(record)}"
     )
 
 

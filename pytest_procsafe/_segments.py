@@ -82,6 +82,9 @@ def as_record(segment: Segment, owner: str, action: str) -> dict[str, object]:
         "cmdline": [],
         "phase": segment.phase,
         "action": action,
+        "held_by": None,
+        "created_at": None,
+        "stack": None,
     }
 
 

@@ -16,10 +16,7 @@ or that nothing here started (a double fork, a shell's ``cmd &``), is an orphan.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import os
-import re
-import sys
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -27,22 +24,20 @@ from typing import Final
 from typing import Literal
 from typing import final
 
+from pytest_procsafe import _births
+from pytest_procsafe import _holders
+from pytest_procsafe import _machinery
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
 from pytest_procsafe._ledger import Ledger
 from pytest_procsafe._proctable import Proc
-
-LeakKind = Literal["leaked", "zombie", "orphan"]
+from pytest_procsafe._report import LeakKind
 
 #: How long a candidate may take to finish exiting (a process terminated but not yet
 #: reaped by its parent) before it counts as a leak; spent only when there is a candidate.
-EXIT_GRACE: Final = 0.3
+EXIT_GRACE: Final = 0.25
 
-# multiprocessing's helper processes: never leaks, however they were started.
-_MACHINERY: Final = re.compile(
-    r"from multiprocessing\.(?:forkserver|resource_tracker|semaphore_tracker) import main"
-)
 # execnet's popen gateways (xdist workers, seen from the controller): their subtrees
 # belong to the procsafe running inside them.
 EXECNET: Final = "import sys;exec(eval(sys.stdin.readline()))"
@@ -85,19 +80,27 @@ class Seen:
     phase: str
     ppid: int
     reparented: bool = False
+    #: Who holds it (``module.attr``), once the holder check found one.
+    held_by: str | None = None
 
 
 @final
 class Found:
     """A classified candidate: a leak unless an ignore rule or hook exempts it."""
 
-    __slots__ = ("cmdline", "kind", "proc", "seen")
+    __slots__ = ("cmdline", "created_at", "kind", "name", "proc", "seen")
 
-    def __init__(self, seen: Seen, proc: Proc, kind: LeakKind) -> None:
+    def __init__(
+        self, seen: Seen, proc: Proc, kind: LeakKind, created_at: str | None = None
+    ) -> None:
         self.seen = seen
         self.proc = proc
         self.kind: LeakKind = kind
         self.cmdline = _proctable.cmdline(proc.pid)
+        #: ``path:line`` of the user's code that started it, when it was seen starting.
+        self.created_at = created_at
+        #: What it is on the Python side (``ForkPoolWorker-1 of a ...Pool``), if known.
+        self.name: str | None = None
 
 
 # Trackers of this process, innermost last. The at-fork hooks (which cannot be
@@ -130,6 +133,8 @@ class Tracker:
         self.prune: set[int] = set()  # subtrees not walked (execnet)
         self._ledger: Ledger[Owner, int] = Ledger()
         self._direct: dict[int, float] = {}  # pid -> start time, forked by this process
+        self._created: dict[int, str] = {}  # pid -> where the user's code started it
+        self._holders: dict[tuple[int, float], str | None] = {}  # (pid, start) -> holder
         self._pre_fork: set[int] = set()
         if self.nested:
             # A pytest run inside a pytest run (pytester's inline mode): what runs already
@@ -140,6 +145,7 @@ class Tracker:
                     self.seen[pid] = Seen(proc, None, "before", ppid)
                     self.exempt.add(pid)
         _ACTIVE.append(self)
+        self._deaf = _births.listen(self._born)
         if not _HOOKED and hasattr(os, "register_at_fork"):
             os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent)
             _HOOKED = True
@@ -147,7 +153,19 @@ class Tracker:
     def close(self) -> None:
         if self in _ACTIVE:
             _ACTIVE.remove(self)
+        self._deaf()
         self.table.close()
+
+    def _born(self, pid: int, where: str | None, direct: bool) -> None:
+        """A child started here (`_births`): note where, and that it is a direct one."""
+        if os.getpid() != self.root:
+            return
+        if where is not None:
+            self._created[pid] = where
+        if direct:
+            proc = _proctable.stat(pid)
+            if proc is not None and proc.ppid == self.root:
+                self._direct[pid] = proc.start
 
     # --- forks of this very process (run in whichever thread forks) -------------------
 
@@ -158,10 +176,20 @@ class Tracker:
     def fork_after(self) -> None:
         if os.getpid() != self.root or not _proctable.LINUX:
             return
+        born = []
         for pid in set(_proctable.children(self.root)) - self._pre_fork:
             proc = _proctable.stat(pid)
             if proc is not None and proc.ppid == self.root:
-                self._direct[pid] = proc.start
+                born.append(proc)
+        if not born:
+            return
+        # One fork makes one child. Anything else new is a grandchild re-parented to us
+        # meanwhile (its parent forked it and exited at once): it was born later.
+        child = min(born, key=lambda proc: (proc.start, proc.pid))
+        self._direct[child.pid] = child.start
+        at = _births.where(2)  # above this hook: os.fork's caller and up
+        if at is not None:
+            self._created.setdefault(child.pid, at)
 
     # --- observing ----------------------------------------------------------------------
 
@@ -221,6 +249,7 @@ class Tracker:
         self.exempt.discard(pid)
         self.prune.discard(pid)
         self._direct.pop(pid, None)
+        self._created.pop(pid, None)
         if entry is not None:
             self._ledger.discard(entry.owner, pid)
 
@@ -245,98 +274,128 @@ class Tracker:
 
     def leftovers(self) -> list[Proc]:
         """Every descendant now that no rule exempts: the final sweep's targets."""
-        machinery = _machinery_pids()
+        machinery = _machinery.pids()
         out = []
         for pid in self.table.tree(self.prune):
             if pid in self.exempt or pid in machinery:
                 continue
             proc = _proctable.stat(pid)
-            if proc is not None and not _is_machinery(proc, machinery, self.root):
+            if proc is not None and not _machinery.is_machinery(proc, machinery, self.root):
                 out.append(proc)
         return out
 
     # --- classification -----------------------------------------------------------------
 
-    def classify(self, entries: list[Seen], later: Owner) -> list[Found]:
-        """Which of *entries* are leaks, and of what kind, after the exit grace.
+    def classify(
+        self, entries: list[Seen], later: Owner, *, find_holders: bool = True
+    ) -> list[Found]:
+        """Which of *entries* are leaks, and of what kind.
 
         Machinery is exempted for good; processes procsafe's own fixtures still own are
-        handed to *later* (the session). Zombies that multiprocessing or subprocess will
-        reap through their own objects are left to them, and a zombie orphan finished in
-        time: it is reaped quietly (without the subreaper, init would have reaped it).
+        handed to *later* (the session), and so are processes an object that outlives the
+        test holds (*find_holders*: a module global, a class attribute, a reusable
+        executor; `_holders`), with the holder's name. Zombies that multiprocessing or
+        subprocess will reap through their own objects are left to them, and a zombie
+        orphan finished in time: it is reaped quietly (without the subreaper, init would
+        have reaped it). What is left gets a short grace to finish exiting (a pool being
+        terminated, an executor shutting down in the background), spent only then.
         """
-        deadline = time.monotonic() + EXIT_GRACE
-        pause = 0.002
-        deep: dict[int, object] | None = None
-        while True:
-            shallow = _reaper.python_children()  # multiprocessing reaps its own first
-            machinery, owned = _machinery_pids(), _owned.pids()
-            found: list[Found] = []
-            waiting = False
-            for entry in list(entries):
-                proc = _proctable.same(entry.proc)
-                if proc is None:
-                    entries.remove(entry)
-                    self._forget(entry.proc.pid)
-                    continue
-                if _is_machinery(proc, machinery, self.root):
-                    entries.remove(entry)
-                    self.exempt.add(proc.pid)
-                    continue
-                if proc.pid in owned:
-                    entries.remove(entry)
-                    self.give(later, [entry])
-                    continue
-                ours = proc.ppid == self.root and not entry.reparented
-                if ours and proc.pid not in shallow and self._direct.get(proc.pid) != proc.start:
-                    if deep is None:
-                        deep = _reaper.python_children(deep=True)
-                    ours = proc.pid in deep
-                if proc.zombie and proc.ppid == self.root and (proc.pid in shallow or not ours):
-                    _reaper.reap([proc], self.root)
-                    waiting = True
-                    continue
-                if not proc.zombie or proc.ppid != self.root:
-                    waiting = True  # may still be exiting, or be reaped by its parent
-                kind: LeakKind = "zombie" if proc.zombie else "leaked"
-                if kind == "leaked" and proc.ppid == self.root and not ours:
-                    kind = "orphan"
-                found.append(Found(entry, proc, kind))
-            if not waiting or time.monotonic() >= deadline:
-                return found
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+        look = _Look()
+        found, waiting = self._look(entries, later, look)
+        if found and find_holders:
+            found = self._rehome_held(found, entries, later, look)
+        if found and waiting:
+            deadline = time.monotonic() + EXIT_GRACE
+            pause = 0.002
+            while waiting and time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                found, waiting = self._look(entries, later, look)
+        if found:
+            objects = look.objects()
+            for item in found:
+                item.name = objects.name(item.proc.pid)
+        return found
+
+    def _look(self, entries: list[Seen], later: Owner, look: _Look) -> tuple[list[Found], bool]:
+        """One look at *entries*: the candidates, and whether any may still be exiting."""
+        shallow = _reaper.python_children()  # multiprocessing reaps its own first
+        machinery, owned = _machinery.pids(), _owned.pids()
+        found: list[Found] = []
+        waiting = False
+        for entry in list(entries):
+            proc = _proctable.same(entry.proc)
+            if proc is None:
+                entries.remove(entry)
+                self._forget(entry.proc.pid)
+                continue
+            if _machinery.is_machinery(proc, machinery, self.root):
+                entries.remove(entry)
+                self.exempt.add(proc.pid)
+                continue
+            if proc.pid in owned:
+                entries.remove(entry)
+                self.give(later, [entry])
+                continue
+            ours = proc.ppid == self.root and not entry.reparented
+            if ours and proc.pid not in shallow and self._direct.get(proc.pid) != proc.start:
+                ours = proc.pid in look.objects().processes
+            if proc.zombie and proc.ppid == self.root and (proc.pid in shallow or not ours):
+                _reaper.reap([proc], self.root)
+                waiting = True
+                continue
+            if not proc.zombie or proc.ppid != self.root:
+                waiting = True  # may still be exiting, or be reaped by its parent
+            kind: LeakKind = "zombie" if proc.zombie else "leaked"
+            if kind == "leaked" and proc.ppid == self.root and not ours:
+                kind = "orphan"
+            found.append(Found(entry, proc, kind, self._created.get(proc.pid)))
+        return found, waiting
+
+    def _rehome_held(
+        self, found: list[Found], entries: list[Seen], later: Owner, look: _Look
+    ) -> list[Found]:
+        """Hand the candidates an outliving object holds (and their descendants) to
+        *later*; return the others."""
+        processes = look.objects().processes
+        targets = {
+            item: processes[item.proc.pid]
+            for item in found
+            if item.kind == "leaked" and item.proc.pid in processes
+        }
+        held = _holders.held_by(
+            targets, self._holders, key=lambda item: (item.proc.pid, item.proc.start)
+        )
+        by_pid = {item.proc.pid: name for item, name in held.items()}
+        parents = {item.proc.pid: item.proc.ppid for item in found}
+        keep: list[Found] = []
+        for item in found:
+            name, pid = None, item.proc.pid
+            for _ in range(len(parents) + 1):  # a held process's children go with it
+                name = by_pid.get(pid)
+                if name is not None or pid not in parents:
+                    break
+                pid = parents[pid]
+            if name is None:
+                keep.append(item)
+                continue
+            item.seen.held_by = name
+            if item.seen in entries:
+                entries.remove(item.seen)
+            self.give(later, [item.seen])
+        return keep
 
 
-def _machinery_pids() -> set[int]:
-    """The forkserver and resource tracker this process started, if any."""
-    pids: set[int] = set()
-    for module, holder, attribute in (
-        ("multiprocessing.forkserver", "_forkserver", "_forkserver_pid"),
-        ("multiprocessing.resource_tracker", "_resource_tracker", "_pid"),
-    ):
-        pid = getattr(getattr(sys.modules.get(module), holder, None), attribute, None)
-        if isinstance(pid, int):
-            pids.add(pid)
-    return pids
+@final
+class _Look:
+    """What one classification found out once: the walk of the Python objects is costly."""
 
+    __slots__ = ("_objects",)
 
-def _is_machinery(proc: Proc, pids: set[int], root: int) -> bool:
-    if proc.pid in pids:
-        return True
-    # Forks of a forkserver worker carry the server's command line; once re-parented to
-    # the test process they are orphans, not the server (ours is in *pids*).
-    if proc.ppid == root or not _MACHINERY.search(" ".join(_proctable.cmdline(proc.pid))):
-        return False
-    # A forkserver's children are forks of it, with its command line: they are workers.
-    return not _MACHINERY.search(" ".join(_proctable.cmdline(proc.ppid)))
+    def __init__(self) -> None:
+        self._objects: _holders.Found | None = None
 
-
-def detach(procs: Iterable[Proc]) -> None:
-    """Keep multiprocessing's exit handler from joining kept children: it joins with no
-    timeout, so a kept child still running would hang the interpreter's exit."""
-    pids = {proc.pid for proc in procs}
-    children = getattr(sys.modules["multiprocessing.process"], "_children", None)
-    for process in multiprocessing.active_children():
-        if process.pid in pids and isinstance(children, set):
-            children.discard(process)
+    def objects(self) -> _holders.Found:
+        if self._objects is None:
+            self._objects = _holders.objects()
+        return self._objects

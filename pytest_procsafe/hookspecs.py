@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from pytest_procsafe._leaks import LeakedProcess
+    from pytest_procsafe._report import LeakedProcess
 
 
 @pytest.hookspec(firstresult=True)

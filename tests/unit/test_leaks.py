@@ -206,7 +206,8 @@ def test_fail_mode_fails_the_test_and_kills_its_leaks(
     message = run_test(checks, lambda: started.append(kids.sleeper().pid))
     assert message is not None
     assert message.startswith("procsafe: test_x.py::test_x left 1 process behind:")
-    assert f"leaked pid {started[0]} (appeared in call, killed)" in message
+    assert f"leaked pid {started[0]} (appeared in call, created at " in message
+    assert "killed): " in message
     assert message.endswith("they were stopped")
     assert _proctable.stat(started[0]) is None
     [(owner, [leak])] = hooks.reported

@@ -114,6 +114,9 @@ def test_json_report_shape_and_atomic_write(tmp_path: Path) -> None:
         owner="t.py::t",
         phase="teardown",
         action="killed",
+        name="ForkPoolWorker-1 of a multiprocessing.pool.Pool",
+        held_by=None,
+        created_at="t.py:3",
     )
     report = Report()
     report.add([leak.as_dict()])
@@ -129,8 +132,12 @@ def test_json_report_shape_and_atomic_write(tmp_path: Path) -> None:
                 "pid": 10,
                 "ppid": 1,
                 "cmdline": ["sleep", "10"],
+                "name": "ForkPoolWorker-1 of a multiprocessing.pool.Pool",
                 "phase": "teardown",
                 "action": "killed",
+                "held_by": None,
+                "created_at": "t.py:3",
+                "stack": None,
             }
         ],
         "counts": {"leaked": 0, "zombie": 0, "orphan": 1},

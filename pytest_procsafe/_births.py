@@ -1,0 +1,149 @@
+"""Where each child process came from: the user's line that started it, and direct births.
+
+A leak report that says "leaked pid 4242: python -m pytest" tells a user nothing (a fork
+child's command line is pytest's own). So whenever this process starts a child, the
+first frame of the user's code on the stack is noted (`where`: ``test_g.py:14``), cheaply
+(a few microseconds: a walk up the frames with a per-file cache), and listeners (the
+leak checks' trackers) are told the child's pid:
+
+* ``multiprocessing`` processes of every start method (``BaseProcess.start``);
+* ``subprocess.Popen`` (its ``_execute_child``);
+* ``os.posix_spawn``/``posix_spawnp`` and ``_posixsubprocess.fork_exec`` as
+  ``multiprocessing.util.spawnv_passfds`` uses it: direct children that no Python object
+  stands for, which the leak checks must not take for orphans (an orphan was first a
+  grandchild);
+* plain ``os.fork`` is seen by the trackers' at-fork hooks, which ask `where` too.
+
+The wrappers call the wrapped function unchanged and only look around it; they are in
+place while a listener is. Imports neither pytest nor the plugin.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+from typing import Final
+
+from pytest_procsafe import _imports
+
+#: ``listener(pid, where, direct)``: *direct* when the child is this process's own.
+Listener = Callable[[int, "str | None", bool], None]
+
+_LISTENERS: list[Listener] = []
+_UNDO: list[Callable[[], None]] = []
+
+# Frames of these packages are never the user's code, wherever they are installed.
+_NOT_USER: Final = frozenset({"pytest_procsafe", "_pytest", "pytest", "pluggy", "xdist"})
+# filename -> shown name ("test_g.py"), or None for a file that is not the user's code.
+_FILES: dict[str, str | None] = {}
+
+
+def where(skip: int = 1) -> str | None:
+    """``path:line`` of the innermost frame of the user's code above the caller."""
+    frame = sys._getframe(skip + 1) if hasattr(sys, "_getframe") else None
+    files = _FILES
+    while frame is not None:
+        code = frame.f_code
+        filename = code.co_filename
+        try:
+            shown = files[filename]
+        except KeyError:
+            shown = files[filename] = _shown(filename, frame.f_globals.get("__name__"))
+        if shown is not None:
+            return f"{shown}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+def _shown(filename: str, module: object) -> str | None:
+    if not isinstance(module, str) or module.partition(".")[0] in _NOT_USER:
+        return None
+    if filename.startswith("<") or _imports.excluded(filename):
+        return None  # frozen, generated, the standard library or an installed package
+    try:
+        relative = os.path.relpath(filename)
+    except ValueError:  # another drive (Windows)
+        return filename
+    return filename if relative.startswith(os.pardir) else relative
+
+
+def listen(listener: Listener) -> Callable[[], None]:
+    """Tell *listener* of every child this process starts from now on; the undo."""
+    _LISTENERS.append(listener)
+    if not _UNDO:
+        _install()
+
+    def undo() -> None:
+        if listener in _LISTENERS:
+            _LISTENERS.remove(listener)
+        if not _LISTENERS:
+            while _UNDO:
+                _UNDO.pop()()
+
+    return undo
+
+
+def _tell(pid: object, where_: str | None, direct: bool) -> None:
+    if isinstance(pid, int) and pid > 0:
+        for listener in list(_LISTENERS):
+            listener(pid, where_, direct)
+
+
+def _patch(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+    original = getattr(owner, name, None)
+    if original is None or getattr(original, "_procsafe_births", False):
+        return
+    wrapper = make(original)
+    wrapper._procsafe_births = True
+    setattr(owner, name, wrapper)
+
+    def undo() -> None:
+        if getattr(owner, name, None) is wrapper:
+            setattr(owner, name, original)
+
+    _UNDO.append(undo)
+
+
+def _install() -> None:
+    from multiprocessing import process
+
+    def start(original: Any) -> Any:
+        def start(self: Any) -> None:
+            at = where()
+            original(self)
+            _tell(getattr(self, "pid", None), at, False)  # fork/spawn ones are direct too
+
+        return start
+
+    _patch(process.BaseProcess, "start", start)
+
+    if hasattr(subprocess.Popen, "_execute_child"):
+
+        def execute(original: Any) -> Any:
+            def _execute_child(self: Any, *args: Any, **kwargs: Any) -> Any:
+                at = where()
+                result = original(self, *args, **kwargs)
+                _tell(getattr(self, "pid", None), at, True)
+                return result
+
+            return _execute_child
+
+        _patch(subprocess.Popen, "_execute_child", execute)
+
+    def direct(original: Any) -> Any:
+        def spawn(*args: Any, **kwargs: Any) -> Any:
+            at = where()
+            pid = original(*args, **kwargs)
+            _tell(pid, at, True)
+            return pid
+
+        return spawn
+
+    for name in ("posix_spawn", "posix_spawnp"):
+        _patch(os, name, direct)
+    posixsubprocess = sys.modules.get("_posixsubprocess")
+    if posixsubprocess is not None:
+        _patch(posixsubprocess, "fork_exec", direct)
