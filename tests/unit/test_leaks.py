@@ -176,8 +176,10 @@ def test_what_is_not_a_leak(kids: Kids, tracker: Tracker) -> None:
     process = multiprocessing.get_context("fork").Process(target=sleep_forever)
     process.start()
     process.terminate()
+    pid = process.pid
+    assert pid is not None
     # Exited but not reaped: on a busy machine SIGTERM may take longer than the grace.
-    wait_until(lambda: getattr(_proctable.stat(process.pid), "zombie", True), "its exit")
+    wait_until(lambda: getattr(_proctable.stat(pid), "zombie", True), "its exit")
     ctx = multiprocessing.get_context("forkserver")
     joined = ctx.Process(target=int)
     joined.start()
