@@ -69,7 +69,7 @@ class Found(NamedTuple):
     processes: dict[int, Any]
     #: POSIX name (``/mp-x``) -> a live SemLock-like object.
     semlocks: dict[str, Any]
-    #: POSIX name (``/psm_x``) -> a live SharedMemory-like object.
+    #: POSIX name (``/psm_x``) -> a live SharedMemory-like object, still mapped.
     shared_memory: dict[str, Any]
     #: multiprocessing pools (``multiprocessing.pool.Pool`` and subclasses).
     pools: list[Any]
@@ -163,8 +163,9 @@ def _take(found: Found, kind: Kind, obj: Any) -> None:
             if isinstance(name, str):
                 found.semlocks.setdefault(name if name.startswith("/") else "/" + name, obj)
         elif kind == "shared_memory":
+            # Only while mapped: a closed block's object unlinks nothing when it dies.
             name = obj.__dict__.get("_name")
-            if isinstance(name, str):
+            if isinstance(name, str) and obj.__dict__.get("_mmap") is not None:
                 found.shared_memory.setdefault(name if name.startswith("/") else "/" + name, obj)
         elif kind == "pool":
             found.pools.append(obj)

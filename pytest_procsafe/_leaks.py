@@ -72,8 +72,8 @@ class LeakChecks:
         self.report_error: str | None = None
         # Workers made before this session are not its own (it runs nested in a test).
         self._since = time.monotonic()
-        #: Pids the last process check reported: their segments go with them.
-        self._leaking: set[int] = set()
+        #: The pids the last process check reported, by owner: their segments go with them.
+        self._leaking: dict[Owner, set[int]] = {}
 
     def activate(self) -> None:
         """Start tracking (not under ``leaks=off``: off costs nothing, changes nothing)."""
@@ -273,7 +273,7 @@ class LeakChecks:
         else:
             detach(procs)
             tracker.exempt.update(proc.pid for proc in procs)
-        self._leaking = {record.pid for record in records}
+        self._leaking = {owner: {record.pid for record in records}}
         dicts = [record.as_dict() for record in records]
         self.report.add(dicts)
         held = [d for d in dicts if d["held_by"] is not None]
@@ -314,7 +314,17 @@ class LeakChecks:
         if watch is None or tracker is None or not watch.has_candidates(owner):
             return None
         # Mappings count in this tree only, not in xdist workers' (pruned) subtrees.
-        found = watch.take(owner, lambda: set(tracker.table.tree(tracker.prune)) - tracker.prune)
+        leaking = self._leaking.get(owner, set())
+
+        def tree() -> set[int]:
+            return set(tracker.table.tree(tracker.prune)) - tracker.prune
+
+        found = watch.take(
+            owner,
+            tree,
+            later=self._session,
+            spare=lambda: tree() - leaking if owner is not self._session else set(),
+        )
         if settings.leaks == "off":
             return None
         found = [s for s in found if not any(p.search(s.name) for p in settings.ignore)]

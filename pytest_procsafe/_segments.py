@@ -12,8 +12,10 @@ within `RACY` of the last look is listed again next time.
 programs make entries there too) and a name says nothing about its maker, so an entry
 that appeared while a test ran is only reported with evidence that this run made it:
 
-* never: another user's entry; a procsafe ``mp_channels`` block still open; a semaphore
-  whose SemLock is still alive in this process (its finalizer unlinks it);
+* never: another user's entry; a procsafe ``mp_channels`` block still open; a segment or
+  semaphore a live object of this process stands for (its owner unlinks it), or that a
+  live process not being reported maps (both move to the session and are looked at
+  again at its end);
 * reported: a name this process or one of its descendants registered with
   multiprocessing's resource tracker and did not unregister (`_registrations`): every
   SharedMemory and every spawn/forkserver SemLock; or an entry mapped by this process or
@@ -43,6 +45,7 @@ from typing import Literal
 from typing import NamedTuple
 from typing import final
 
+from pytest_procsafe import _holders
 from pytest_procsafe import _owned
 from pytest_procsafe._ledger import Ledger
 from pytest_procsafe._registrations import Registrations
@@ -116,26 +119,20 @@ def forget(posix: str, kind: SegmentKind) -> None:
         tracker.unregister(posix, kind)
 
 
-def alive_semaphores() -> set[str]:
-    """POSIX names of SemLocks alive in this process: their finalizer unlinks them."""
-    util = sys.modules.get("multiprocessing.util")
-    synchronize = sys.modules.get("multiprocessing.synchronize")
-    registry = getattr(util, "_finalizer_registry", None)
-    cleanup = getattr(getattr(synchronize, "SemLock", None), "_cleanup", None)
-    if not isinstance(registry, dict) or cleanup is None:
-        return set()
-    names = set()
-    for finalizer in list(registry.values()):
-        args = getattr(finalizer, "_args", None)
-        if getattr(finalizer, "_callback", None) is cleanup and args:
-            names.add(str(args[0]))
-    return names
+def in_use() -> set[str]:
+    """POSIX names of the semaphores and shared memory blocks a live object of this
+    process stands for: a SemLock or SharedMemory of multiprocessing or of a relative
+    (loky, multiprocess, billiard), alone or inside a queue, lock or pool. Their owner
+    unlinks them when it is done: unlinking them now would break the next user
+    (``FileNotFoundError`` in ``SemLock._rebuild``)."""
+    found = _holders.objects()
+    return set(found.semlocks) | set(found.shared_memory)
 
 
 # --- who maps an entry ------------------------------------------------------------------
 
 
-def holders(entries: Collection[str], pids: Iterable[int]) -> dict[str, set[int]]:
+def mappers(entries: Collection[str], pids: Iterable[int]) -> dict[str, set[int]]:
     """Which of *pids* map each of *entries* (Linux; unreadable processes are skipped)."""
     found: dict[str, set[int]] = {entry: set() for entry in entries}
     needles = {f"{SHM_DIR}/{entry}\n".encode(): entry for entry in entries}
@@ -220,21 +217,31 @@ class SegmentWatch:
 
     # --- attributing ------------------------------------------------------------------
 
-    def take(self, owner: object, tree: Callable[[], Collection[int]]) -> list[Segment]:
+    def take(
+        self,
+        owner: object,
+        tree: Callable[[], Collection[int]],
+        *,
+        later: object,
+        spare: Callable[[], Collection[int]] = frozenset,
+    ) -> list[Segment]:
         """*owner*'s entries that are still there and attributable to it (checked once).
 
-        *tree* gives this process's descendants, asked only when needed."""
+        *tree* gives this process's descendants, asked only when needed. An entry still in
+        use (a live object here stands for it, or a live descendant among *spare()* maps
+        it: one that is not being reported with this owner) is not a leak now: it moves
+        to *later* (the session), which looks again at its end.
+        """
         entries = self._ledger.take(owner)
         if not entries:
             return []
-        own, alive = _owned.segments(), alive_semaphores()
+        own = _owned.segments()
         registered = self.registrations.names()
         uid = os.geteuid() if hasattr(os, "geteuid") else -1
-        mine: list[Segment] = []
-        undecided: list[Segment] = []
+        candidates: list[Segment] = []
         for entry in entries:
             kind, posix = parse(entry)
-            if posix in own or (kind == "semaphore" and posix in alive):
+            if posix in own:
                 continue
             if self.listing:
                 try:
@@ -243,12 +250,29 @@ class SegmentWatch:
                 except OSError:
                     self._forget(entry)
                     continue
-            segment = Segment(entry, kind, posix, self.seen.get(entry, (None, "?"))[1])
-            (mine if posix in registered or not self.listing else undecided).append(segment)
+            candidates.append(Segment(entry, kind, posix, self.seen.get(entry, (None, "?"))[1]))
+        if not candidates:
+            return []
+        used = in_use()
+        spared = set(spare()) if self.listing else set()
+        mapped = mappers([s.entry for s in candidates], spared | {self.root}) if spared else {}
+        mine: list[Segment] = []
+        undecided: list[Segment] = []
+        for segment in candidates:
+            if segment.posix in used or mapped.get(segment.entry, set()) & spared:
+                self.give(later, segment)
+                continue
+            registered_here = segment.posix in registered or not self.listing
+            (mine if registered_here else undecided).append(segment)
         if undecided:  # no registration: only a mapping in this process tree tells
-            held = holders([s.entry for s in undecided], {self.root, *tree()})
+            held = mappers([s.entry for s in undecided], {self.root, *tree()})
             mine.extend(s for s in undecided if held[s.entry])
         return sorted(mine)
+
+    def give(self, owner: object, segment: Segment) -> None:
+        """Hand *segment* to *owner*: it is checked again when *owner* is."""
+        self.seen[segment.entry] = (owner, segment.phase)
+        self._ledger.add(owner, segment.entry)
 
     # --- cleaning up ------------------------------------------------------------------
 

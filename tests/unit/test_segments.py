@@ -3,6 +3,7 @@ children under every start method and real ``/dev/shm`` entries."""
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import time
@@ -44,6 +45,10 @@ def plain_entry() -> Iterator[str]:
         os.unlink(path)
 
 
+_multiprocessing: Any = importlib.import_module("_multiprocessing")
+LATER = object()  # the session: where what is still in use goes
+
+
 def tree() -> list[int]:
     return [p.pid for p in multiprocessing.active_children() if p.pid is not None]
 
@@ -70,7 +75,7 @@ def test_a_block_made_and_left_is_its_owners_and_unlinked() -> None:
         block.close()
         watch.observe(owner, "call")
         assert watch.has_candidates(owner)
-        found = watch.take(owner, tree)
+        found = watch.take(owner, tree, later=LATER)
         assert [(s.name, s.kind, s.phase) for s in found] == [
             (block.name, "shared_memory", "call")
         ]
@@ -94,21 +99,72 @@ def test_a_block_unlinked_in_time_and_channels_blocks_are_not_leaks(
         watch.observe(owner, "call")
         block.close()
         block.unlink()
-        assert watch.take(owner, tree) == []  # gone: nothing to say
+        assert watch.take(owner, tree, later=LATER) == []  # gone: nothing to say
     finally:
         assert owned.close() == []
     assert _owned.segments() == set()
 
 
-def test_a_semaphore_alive_here_is_not_a_leak(watch: SegmentWatch) -> None:
+def test_a_semaphore_alive_here_is_not_a_leak_and_moves_on(watch: SegmentWatch) -> None:
     owner = object()
     lock = multiprocessing.get_context("spawn").Lock()
     watch.observe(owner, "call")
     name = lock._semlock.name  # type: ignore[attr-defined]
-    assert name in _segments.alive_semaphores()
-    assert watch.take(owner, tree) == []
+    assert name in _segments.in_use()
+    assert watch.take(owner, tree, later=LATER) == []
+    assert watch.has_candidates(LATER)  # looked at again at the session's end
     del lock  # its finalizer unlinks it
-    assert name not in _segments.alive_semaphores()
+    assert name not in _segments.in_use()
+    assert watch.take(LATER, tree, later=LATER) == []
+
+
+class SemLock:
+    """Another multiprocessing implementation's lock (loky, multiprocess, billiard keep
+    their own SemLock class around the same C semaphore)."""
+
+    def __init__(self) -> None:
+        name = f"/mp-procsafe-{os.getpid()}-{id(self)}"
+        self._semlock = _multiprocessing.SemLock(1, 1, 1, name, False)
+        self.name = name
+
+    def close(self) -> None:
+        _multiprocessing.sem_unlink(self.name)
+
+
+def test_a_relatives_lock_in_use_is_never_unlinked(watch: SegmentWatch) -> None:
+    owner = object()
+    lock = SemLock()
+    try:
+        watch.observe(owner, "call")
+        assert lock.name in _segments.in_use()
+        assert watch.take(owner, tree, later=LATER) == []
+        assert os.path.exists(os.path.join(_segments.SHM_DIR, "sem." + lock.name[1:]))
+    finally:
+        lock.close()
+
+
+def test_an_entry_a_spared_process_maps_moves_on(watch: SegmentWatch, plain_entry: str) -> None:
+    owner = object()
+    path = os.path.join(_segments.SHM_DIR, plain_entry)
+    with open(path, "wb") as file:
+        file.write(b"\0" * 4096)
+    watch.observe(owner, "call")
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=segment_targets.hold_mapped, args=(path, there))
+    child.start()
+    try:
+        assert here.poll(WAIT)
+        assert here.recv() == "mapped"
+        pid = child.pid
+        assert pid is not None
+        # A held pool's worker maps it: not this test's, whatever registered it.
+        assert watch.take(owner, tree, later=LATER, spare=lambda: {pid}) == []
+        assert watch.has_candidates(LATER)
+    finally:
+        here.send("stop")
+        child.join(WAIT)
+        os.unlink(path)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -125,7 +181,7 @@ def test_a_semaphore_a_child_leaked_is_found_under_every_method(
     name = reader.recv()
     child.join(WAIT)
     watch.observe(owner, "call")
-    found = watch.take(owner, tree)
+    found = watch.take(owner, tree, later=LATER)
     assert [(s.name, s.kind) for s in found] == [(name, "semaphore")]
     assert watch.unlink(found) == {"sem." + name[1:]: True}
     assert watch.registrations.names().get(name) is None
@@ -163,7 +219,7 @@ def test_an_unregistered_entry_counts_only_when_this_tree_maps_it(
     try:
         assert here.poll(WAIT)
         assert here.recv() == "mapped"
-        found = watch.take(owner, tree)
+        found = watch.take(owner, tree, later=LATER)
         assert [s.entry for s in found] == [plain_entry]
     finally:
         here.send("stop")
@@ -174,7 +230,7 @@ def test_an_unregistered_entry_counts_only_when_this_tree_maps_it(
         file.write(b"\0" * 16)
     later = object()
     watch.observe(later, "call")
-    assert watch.take(later, tree) == []
+    assert watch.take(later, tree, later=LATER) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="making another user's entry takes root")
@@ -192,7 +248,7 @@ def test_another_users_entry_is_never_ours(watch: SegmentWatch, plain_entry: str
     try:
         assert here.poll(WAIT)
         assert here.recv() == "mapped"
-        assert watch.take(owner, tree) == []
+        assert watch.take(owner, tree, later=LATER) == []
     finally:
         here.send("stop")
         child.join(WAIT)
@@ -237,7 +293,7 @@ def test_the_tracker_forgets_what_was_unlinked(watch: SegmentWatch) -> None:
     watch.observe(owner, "call")
     posix = block._name  # type: ignore[attr-defined]
     assert posix in watch.registrations.names()
-    watch.unlink(watch.take(owner, tree))
+    watch.unlink(watch.take(owner, tree, later=LATER))
     assert posix not in watch.registrations.names()
     # A second forget of a name the tracker no longer has is harmless too.
     _segments.forget(posix, "shared_memory")
