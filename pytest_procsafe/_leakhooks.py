@@ -6,8 +6,12 @@ workers at the end); `PerTestHooks` only while checks are on, so ``off`` costs n
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import re
 from collections.abc import Generator
 from typing import Any
+from typing import Final
 from typing import final
 
 import pytest
@@ -28,9 +32,35 @@ def _test_where(item: pytest.Item) -> tuple[str, int]:
     return str(item.path), (lineno or 0) + 1
 
 
-def _fixture_where(fixturedef: pytest.FixtureDef[object]) -> tuple[str, int] | None:
-    code = getattr(fixturedef.func, "__code__", None)
-    return None if code is None else (code.co_filename, code.co_firstlineno)
+# The fixtures pytest makes for xunit-style and unittest setups, and the method each runs.
+_XUNIT: Final = re.compile(
+    r"_(?:unittest|xunit)_(setUpClass|setup_class|setup_module|setUpModule)_fixture_(.+)"
+)
+
+
+def fixture_owner(fixturedef: pytest.FixtureDef[object]) -> tuple[str, tuple[str, int] | None]:
+    """How a wider-scoped fixture reads in reports, and where its warnings point.
+
+    A fixture of the user's is its name and its definition. pytest's own fixtures for
+    ``setUpClass``, ``setup_class`` and ``setup_module`` read ``TestX.setUpClass`` (not
+    ``_unittest_setUpClass_fixture_TestX``) and point at that method.
+    """
+    func = fixturedef.func
+    match = _XUNIT.fullmatch(fixturedef.argname)
+    if match is None:
+        code = getattr(func, "__code__", None)
+        where = None if code is None else (code.co_filename, code.co_firstlineno)
+        return fixturedef.argname, where
+    method, holder = match.groups()
+    where = None
+    for cell in getattr(func, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            value = cell.cell_contents
+            code = getattr(getattr(value, "__func__", value), "__code__", None)
+            if code is not None and code.co_name == method:
+                where = (code.co_filename, code.co_firstlineno)
+                break
+    return f"{holder}.{method}", where
 
 
 @final
@@ -120,11 +150,15 @@ class PerTestHooks:
     ) -> Generator[None, object, object]:
         if fixturedef.scope == "function":
             return (yield)
-        self.checks.fixture_enter(fixturedef, fixturedef.argname, _fixture_where(fixturedef))
+        self.checks.fixture_enter(fixturedef, *fixture_owner(fixturedef))
         try:
-            return (yield)
+            result = yield
         finally:
             self.checks.fixture_exit(fixturedef)
+        # Finalizers run last-in first-out: this one runs before the fixture's own
+        # teardown, so what that teardown leaves is the fixture's, not the test's.
+        fixturedef.addfinalizer(functools.partial(self.checks.fixture_finalizing, fixturedef))
+        return result
 
     def pytest_fixture_post_finalizer(self, fixturedef: pytest.FixtureDef[object]) -> None:
         if fixturedef.scope != "function":

@@ -132,6 +132,7 @@ class LeakChecks:
         return message
 
     def fixture_enter(self, key: object, name: str, where: Where | None) -> None:
+        """A wider-scoped fixture's setup starts (*name*: ``mp_pool``, ``TestX.setUpClass``)."""
         self._observe(self._current(), self._phase)
         owner = Owner(f"fixture {name}", "fixture", where)
         self._fixtures[key] = owner
@@ -143,12 +144,25 @@ class LeakChecks:
             self._observe(owner, "setup")
             self._stack.pop()
 
+    def fixture_finalizing(self, key: object) -> None:
+        """A wider-scoped fixture's finalization starts: what appears now is its own, not
+        the test's in whose teardown it runs."""
+        owner = self._fixtures.get(key)
+        if owner is None:
+            return
+        self._observe(self._current(), self._phase)
+        self._stack.append(owner)
+
     def fixture_done(self, key: object) -> None:
-        """A wider-scoped fixture was finalized: check what its setup started."""
+        """A wider-scoped fixture was finalized: check what its setup and its finalizers
+        started."""
         owner = self._fixtures.pop(key, None)
         if owner is None:
             return
-        tracker = self._observe(self._current(), self._phase)
+        finalizing = bool(self._stack) and self._stack[-1] is owner
+        tracker = self._observe(self._current(), "teardown" if finalizing else self._phase)
+        if finalizing:
+            self._stack.pop()
         if tracker is not None and tracker.has_candidates(owner):
             self._check(owner, self.settings, test=False)
             if self.segments is not None:  # what its processes left as they were stopped
