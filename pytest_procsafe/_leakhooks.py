@@ -17,6 +17,7 @@ from typing import final
 import pytest
 
 from pytest_procsafe import _config
+from pytest_procsafe import _forked
 from pytest_procsafe import _leaks
 from pytest_procsafe import _report
 
@@ -135,14 +136,29 @@ class PerTestHooks:
         except (KeyboardInterrupt, pytest.exit.Exception):
             raise  # the session's end checks this test
         except BaseException:
-            message = self.checks.test_end(lambda: _config.item_settings(item))
+            message = self._test_end(item)
             if message:  # keep the teardown's own error; show the leaks with it
                 item.add_report_section("teardown", "procsafe", message)
             raise
-        message = self.checks.test_end(lambda: _config.item_settings(item))
+        message = self._test_end(item)
         if message:
             pytest.fail(message, pytrace=False)
         return result
+
+    def _test_end(self, item: pytest.Item) -> str | None:
+        message = self.checks.test_end(lambda: _config.item_settings(item))
+        if self.checks.forked:  # pytest-forked's test process: the parent takes over
+            found = self.checks.handoff()
+            if found is not None:
+                item.user_properties.append((_forked.KEY, found))
+        return message
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "teardown" or self.checks.forked:
+            return
+        for found in _forked.found_in(report.user_properties):
+            path, line, _ = report.location
+            self.checks.receive(found, (path, (line or 0) + 1))
 
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(

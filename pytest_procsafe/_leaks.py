@@ -23,16 +23,17 @@ from typing import final
 
 import pytest
 
+from pytest_procsafe import _forked
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
 from pytest_procsafe import _report
 from pytest_procsafe import _segments
+from pytest_procsafe._ledger import Found
+from pytest_procsafe._ledger import Owner
 from pytest_procsafe._machinery import detach
 from pytest_procsafe._proctable import Proc
 from pytest_procsafe._report import LeakedProcess
-from pytest_procsafe._tracker import Found
-from pytest_procsafe._tracker import Owner
 from pytest_procsafe._tracker import Tracker
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class ProcessLeakWarning(pytest.PytestWarning):
 
 
 @final
-class LeakChecks:
+class LeakChecks(_forked.ForkedChecks):
     """One session's leak checks; see the module docstring."""
 
     def __init__(self, settings: Settings, hook: Any, *, write_report: bool) -> None:
@@ -72,6 +73,9 @@ class LeakChecks:
         self.report_error: str | None = None
         # Workers made before this session are not its own (it runs nested in a test).
         self._since = time.monotonic()
+        #: This is a test process pytest-forked forked from the session's (`reroot`).
+        self.forked = False
+        self._handoff: list[dict[str, object]] = []  # its records, for the parent
         #: The pids the last process check reported, by owner: their segments go with them.
         self._leaking: dict[Owner, set[int]] = {}
 
@@ -101,6 +105,9 @@ class LeakChecks:
         self._phase = "session"
 
     def test_start(self, nodeid: str, where: Callable[[], Where]) -> None:
+        tracker = self.tracker
+        if tracker is not None and os.getpid() != tracker.root:
+            self.reroot()
         self._test = Owner(nodeid, "test", where)
         self._phase = "setup"
 
@@ -290,6 +297,8 @@ class LeakChecks:
         self._leaking = {owner: {record.pid for record in records}}
         dicts = [record.as_dict() for record in records]
         self.report.add(dicts)
+        if self.forked:
+            self._handoff.extend(dicts)
         held = [d for d in dicts if d["held_by"] is not None]
         loose = [d for d in dicts if d["held_by"] is None]
         message = None
@@ -346,6 +355,8 @@ class LeakChecks:
             return None
         records = watch.settle(found, owner.label, self.settings.cleanup)
         self.report.add(records)
+        if self.forked:
+            self._handoff.extend(records)
         message = _report.describe(owner.label, records, self.settings.cleanup)
         return self._deliver(message, owner, settings, test)
 

@@ -1,4 +1,4 @@
-"""What each owner answers for and has not been checked for yet: processes, segments.
+"""Owners, what the tracker knows of each process, and what each owner answers for.
 
 The leak checks give every new process (`_tracker`) and every new ``/dev/shm`` entry
 (`_segments`) to the owner it was first seen under, forget what went away, and take an
@@ -8,10 +8,20 @@ in the order they first had something. Imports neither pytest nor the plugin.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from collections.abc import Hashable
+from typing import Final
 from typing import Generic
+from typing import Literal
 from typing import TypeVar
 from typing import final
+
+from pytest_procsafe import _proctable
+from pytest_procsafe._proctable import Proc
+from pytest_procsafe._report import LeakKind
+
+Where = tuple[str, int]
 
 OwnerT = TypeVar("OwnerT", bound=Hashable)
 #: Pids or ``/dev/shm`` entry names: sortable, so a check lists them in a stable order.
@@ -49,3 +59,60 @@ class Ledger(Generic[OwnerT, K]):
     def take(self, owner: OwnerT) -> list[K]:
         """*owner*'s items, sorted, which are checked now (once)."""
         return sorted(self._items.pop(owner, None) or ())
+
+
+@final
+class Owner:
+    """Who answers for processes first seen while it ran (compared by identity).
+
+    A plain slotted class: one is made for every test, so it must be cheap.
+    """
+
+    __slots__ = ("label", "scope", "where")
+
+    def __init__(
+        self,
+        label: str,
+        scope: Literal["test", "fixture", "session"],
+        where: Where | Callable[[], Where] | None = None,
+    ) -> None:
+        self.label: Final = label
+        self.scope: Final = scope
+        #: Where its warning points (a test's is computed only when there is one).
+        self.where: Final = where
+
+    def __repr__(self) -> str:
+        return f"Owner({self.label!r}, {self.scope!r})"
+
+
+@final
+@dataclasses.dataclass(eq=False)
+class Seen:
+    """A descendant the tracker knows, with its owner at first sight."""
+
+    proc: Proc
+    owner: Owner | None  # None: it existed before this tracker (a nested pytest run)
+    phase: str
+    ppid: int
+    reparented: bool = False
+    #: Who holds it (``module.attr``), once the holder check found one.
+    held_by: str | None = None
+
+
+@final
+class Found:
+    """A classified candidate: a leak unless an ignore rule or hook exempts it."""
+
+    __slots__ = ("cmdline", "created_at", "kind", "name", "proc", "seen")
+
+    def __init__(
+        self, seen: Seen, proc: Proc, kind: LeakKind, created_at: str | None = None
+    ) -> None:
+        self.seen = seen
+        self.proc = proc
+        self.kind: LeakKind = kind
+        self.cmdline = _proctable.cmdline(proc.pid)
+        #: ``path:line`` of the user's code that started it, when it was seen starting.
+        self.created_at = created_at
+        #: What it is on the Python side (``ForkPoolWorker-1 of a ...Pool``), if known.
+        self.name: str | None = None

@@ -290,6 +290,19 @@ class SegmentWatch:
             for s in found
         ]
 
+    def hand_over(self) -> list[str]:
+        """The entries left for the session's end, taken away (a forked test process
+        hands them to its parent, which unlinks them then)."""
+        deferred, self._deferred = self._deferred, []
+        return [segment.entry for segment, _ in deferred]
+
+    def take_over(self, entries: Iterable[str]) -> None:
+        """Unlink *entries* at the session's end, as if deferred here; never report them."""
+        for entry in entries:
+            kind, posix = parse(entry)
+            self.seen[entry] = (None, "forked")
+            self._deferred.append((Segment(entry, kind, posix, "forked"), "forked"))
+
     def unlink_deferred(self) -> list[tuple[str, str]]:
         """Unlink what `settle` left for the session's end; (owner, name) of failures."""
         deferred, self._deferred = self._deferred, []

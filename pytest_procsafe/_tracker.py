@@ -15,13 +15,10 @@ or that nothing here started (a double fork, a shell's ``cmd &``), is an orphan.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Final
-from typing import Literal
 from typing import final
 
 from pytest_procsafe import _births
@@ -30,7 +27,10 @@ from pytest_procsafe import _machinery
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
+from pytest_procsafe._ledger import Found
 from pytest_procsafe._ledger import Ledger
+from pytest_procsafe._ledger import Owner
+from pytest_procsafe._ledger import Seen
 from pytest_procsafe._proctable import Proc
 from pytest_procsafe._report import LeakKind
 
@@ -44,63 +44,6 @@ EXECNET: Final = "import sys;exec(eval(sys.stdin.readline()))"
 
 
 Where = tuple[str, int]
-
-
-@final
-class Owner:
-    """Who answers for processes first seen while it ran (compared by identity).
-
-    A plain slotted class: one is made for every test, so it must be cheap.
-    """
-
-    __slots__ = ("label", "scope", "where")
-
-    def __init__(
-        self,
-        label: str,
-        scope: Literal["test", "fixture", "session"],
-        where: Where | Callable[[], Where] | None = None,
-    ) -> None:
-        self.label: Final = label
-        self.scope: Final = scope
-        #: Where its warning points (a test's is computed only when there is one).
-        self.where: Final = where
-
-    def __repr__(self) -> str:
-        return f"Owner({self.label!r}, {self.scope!r})"
-
-
-@final
-@dataclasses.dataclass(eq=False)
-class Seen:
-    """A descendant the tracker knows, with its owner at first sight."""
-
-    proc: Proc
-    owner: Owner | None  # None: it existed before this tracker (a nested pytest run)
-    phase: str
-    ppid: int
-    reparented: bool = False
-    #: Who holds it (``module.attr``), once the holder check found one.
-    held_by: str | None = None
-
-
-@final
-class Found:
-    """A classified candidate: a leak unless an ignore rule or hook exempts it."""
-
-    __slots__ = ("cmdline", "created_at", "kind", "name", "proc", "seen")
-
-    def __init__(
-        self, seen: Seen, proc: Proc, kind: LeakKind, created_at: str | None = None
-    ) -> None:
-        self.seen = seen
-        self.proc = proc
-        self.kind: LeakKind = kind
-        self.cmdline = _proctable.cmdline(proc.pid)
-        #: ``path:line`` of the user's code that started it, when it was seen starting.
-        self.created_at = created_at
-        #: What it is on the Python side (``ForkPoolWorker-1 of a ...Pool``), if known.
-        self.name: str | None = None
 
 
 # Trackers of this process, innermost last. The at-fork hooks (which cannot be
@@ -135,6 +78,7 @@ class Tracker:
         self._direct: dict[int, float] = {}  # pid -> start time, forked by this process
         self._created: dict[int, str] = {}  # pid -> where the user's code started it
         self._holders: dict[tuple[int, float], str | None] = {}  # (pid, start) -> holder
+        self._adopted: dict[int, float] = {}  # pid -> start: reported elsewhere (`adopt`)
         self._pre_fork: set[int] = set()
         if self.nested:
             # A pytest run inside a pytest run (pytester's inline mode): what runs already
@@ -225,6 +169,10 @@ class Tracker:
         proc = _proctable.stat(pid)
         if proc is None:
             return
+        if self._adopted.get(pid) == proc.start:  # handed over, already reported
+            self.seen[pid] = Seen(proc, None, "forked", ppid)
+            self.exempt.add(pid)
+            return
         self.seen[pid] = entry = Seen(proc, owner, phase, ppid)
         # First seen under another descendant: if it is our child now, it was re-parented.
         entry.reparented = proc.ppid != ppid
@@ -265,6 +213,16 @@ class Tracker:
     def take(self, owner: Owner) -> list[Seen]:
         """The unchecked processes of *owner*, which are checked now (once)."""
         return [self.seen[pid] for pid in self._ledger.take(owner) if pid in self.seen]
+
+    def adopt(self, proc: Proc) -> None:
+        """*proc* was reported elsewhere (a forked test process): never a candidate here,
+        whether it is seen already or only once it is re-parented here."""
+        self._adopted[proc.pid] = proc.start
+        entry = self.seen.get(proc.pid)
+        if entry is not None and entry.proc.start == proc.start:
+            self._ledger.discard(entry.owner, proc.pid)
+            entry.owner = None
+            self.exempt.add(proc.pid)
 
     def give(self, owner: Owner, entries: Iterable[Seen]) -> None:
         """Hand *entries* to *owner*: they are checked again when *owner* is."""

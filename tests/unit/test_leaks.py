@@ -35,7 +35,7 @@ from pytest_procsafe import _proctable
 from pytest_procsafe import _sigterm
 from pytest_procsafe._config import Settings
 from pytest_procsafe._leaks import LeakChecks
-from pytest_procsafe._tracker import Owner
+from pytest_procsafe._ledger import Owner
 from pytest_procsafe._tracker import Tracker
 
 pytestmark = pytest.mark.skipif(not _proctable.LINUX, reason="zombies and orphans: Linux")
