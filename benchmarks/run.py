@@ -240,8 +240,8 @@ def bench_launchers(sizes: Sizes, work: Path) -> list[Result]:
 def bench_scan(sizes: Sizes, work: Path) -> list[Result]:
     """What one leak check costs while a test has live children: `Tracker.observe`, which
     runs at the end of every test phase, with every child already known (the steady state)."""
-    from pytest_procsafe._proctable import ProcTable
     from pytest_procsafe._ledger import Owner
+    from pytest_procsafe._proctable import ProcTable
     from pytest_procsafe._tracker import Tracker
 
     children = [
