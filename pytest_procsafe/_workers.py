@@ -33,6 +33,7 @@ from typing import final
 
 from pytest_procsafe import _bootstrap
 from pytest_procsafe import _coverage
+from pytest_procsafe import _escalate
 from pytest_procsafe import _owned
 from pytest_procsafe import _seconds
 from pytest_procsafe import _stacks
@@ -170,6 +171,10 @@ class WorkerGroup:
         except BaseException as exc:
             reader.close()
             _stacks.remove(stack_file)
+            # Interrupted half way (Ctrl-C while a spawn child starts): the child may exist
+            # already. It is procsafe's own, so it is stopped here, never left behind to be
+            # reported as somebody's orphan.
+            _abandon(process)
             if isinstance(exc, PayloadError):
                 raise WorkerError(
                     f"cannot start worker {name!r} ({self.start_method}) of {self.owner}: {exc}"
@@ -342,6 +347,23 @@ class WorkerGroup:
             f"<WorkerGroup of {self.owner!r} {self.start_method} "
             f"workers={len(self._workers)}{state}>"
         )
+
+
+def _abandon(process: BaseProcess) -> None:
+    """Kill and reap a child whose start did not complete, if it exists at all."""
+    if getattr(process, "_popen", None) is None:
+        return
+
+    def send(proc: BaseProcess, signum: int) -> None:
+        proc.kill()
+
+    _escalate.escalate(
+        [process],
+        0.0,
+        send=send,
+        exited=lambda proc: proc.exitcode is not None,
+        wait=lambda procs, timeout: procs[0].join(timeout),
+    )
 
 
 def _check_cwd(what: str) -> None:

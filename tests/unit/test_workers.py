@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
 
 import pytest
 import worker_targets
@@ -467,3 +468,30 @@ def test_the_parent_death_signal_follows_the_starting_thread(
     # A forkserver worker's parent is the server, which outlives any thread of ours.
     expected = signal.SIGKILL if mp_start_method == "forkserver" else 0
     assert started[0].result() == expected
+
+
+def test_a_start_interrupted_after_the_child_exists_leaves_no_child(
+    mp_context: BaseContext, mp_start_method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C while a spawn child is being launched: the child exists, the start never
+    # returned. It is procsafe's, so it must not be left to the leak checks as an orphan.
+    started: list[BaseProcess] = []
+    original = BaseProcess.start
+
+    def start_then_interrupt(self: BaseProcess) -> None:
+        original(self)
+        started.append(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BaseProcess, "start", start_then_interrupt)
+    group = make_group(mp_context, mp_start_method, "test_interrupted_start")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            group(square, 3)
+    finally:
+        monkeypatch.undo()
+        assert group.close() == []
+    (process,) = started
+    assert process.exitcode is not None  # stopped and reaped before the error went on
+    assert group.workers == ()
+    assert process.pid not in _owned.pids()
