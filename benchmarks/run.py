@@ -283,6 +283,63 @@ def bench_scan(sizes: Sizes, work: Path) -> list[Result]:
     ]
 
 
+def bench_holders(sizes: Sizes, work: Path) -> list[Result]:
+    """What the held check costs when a test leaves a candidate, in a process with 200,000
+    live objects: the walk of the Python objects plus the referrer walk (`_holders`), and
+    what noting where a child was born costs at each start (`_births.where`)."""
+    import types
+
+    from pytest_procsafe import _births
+    from pytest_procsafe import _holders
+
+    objects = [[index] for index in range(200_000)]  # gc-tracked, like a real suite's
+    module = types.ModuleType("bench_holder_module")
+    sys.modules[module.__name__] = module
+    held = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
+    loose = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
+    module.SERVER = held  # type: ignore[attr-defined]
+    try:
+        samples = []
+        for _ in range(max(3, sizes.repeats)):
+            start = time.perf_counter()
+            found = _holders.objects()
+            names = _holders.holders({pid: found.processes[pid] for pid in (held.pid, loose.pid)})
+            samples.append(time.perf_counter() - start)
+        if names != {held.pid: "bench_holder_module.SERVER"}:
+            raise RuntimeError(f"the holder walk found {names}")
+        births = []
+        for _ in range(2000):
+            start = time.perf_counter()
+            _births.where()
+            births.append(time.perf_counter() - start)
+    finally:
+        del sys.modules[module.__name__]
+        for child in (held, loose):
+            child.kill()
+            child.wait()
+    live = len(objects)
+    per_check = statistics.median(samples) * 1000
+    per_birth = statistics.median(births) * 1e6
+    return [
+        Result(
+            f"held check, one candidate, {live:,} live objects",
+            round(per_check, 2),
+            "ms",
+            "<= 50 ms",
+            per_check <= 50,
+            f"median of {len(samples)}: object walk + referrer walk",
+        ),
+        Result(
+            "where a child was born, per start",
+            round(per_birth, 2),
+            "us",
+            "<= 20 us",
+            per_birth <= 20,
+            "median of 2000 `_births.where()` from the benchmark's own stack",
+        ),
+    ]
+
+
 def bench_hung(sizes: Sizes, work: Path) -> list[Result]:
     out = work / "teardowns.json"
     for name in ("bench_targets.py", "test_hung_bench.py"):
@@ -330,6 +387,7 @@ CASES: dict[str, Callable[[Sizes, Path], list[Result]]] = {
     "workers": bench_workers,
     "launchers": bench_launchers,
     "scan": bench_scan,
+    "holders": bench_holders,
     "hung": bench_hung,
 }
 

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import types
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
 from typing import Final
@@ -230,13 +231,15 @@ def _roots() -> tuple[dict[int, str], set[int]]:
     return holding, neutral
 
 
-def holders(targets: Mapping[Any, Any], *, depth: int = DEPTH) -> dict[Any, str]:
+def holders(
+    targets: Mapping[Any, Any], *, depth: int = DEPTH, ignore: Iterable[object] = ()
+) -> dict[Any, str]:
     """For each key of *targets* whose object is held, the holder's name.
 
     Walks referrers up from all objects at once, one ``gc.get_referrers`` scan per level,
     until a module's globals or a class's attributes; frames, tracebacks, suspended
     generators and the globals of the runner, procsafe and the standard library are not
-    followed.
+    followed, nor the caller's own containers in *ignore* (the walk's are skipped anyway).
     """
     if not targets:
         return {}
@@ -248,15 +251,17 @@ def holders(targets: Mapping[Any, Any], *, depth: int = DEPTH) -> dict[Any, str]
         down.setdefault(id(obj), {})[key] = None
         frontier[id(obj)] = obj
     named: dict[Any, str] = {}
-    ours = {id(down), id(frontier), id(targets), id(named)}
+    ours = {id(down), id(frontier), id(targets), id(named), *map(id, ignore)}
     for _ in range(depth):
         if not frontier or len(named) == len(targets):
             break
-        objs = list(frontier.values())
+        # A tuple is passed to the call as it is: it must not be found as a referrer.
+        objs = tuple(frontier.values())
         ours.add(id(objs))
         referrers = gc.get_referrers(*objs)
         ours.add(id(referrers))
         following: dict[int, Any] = {}
+        ours.add(id(following))
         for ref in referrers:
             ident = id(ref)
             cls = type(ref)  # never isinstance(): a dead weakref.proxy raises there
@@ -287,6 +292,7 @@ def holders(targets: Mapping[Any, Any], *, depth: int = DEPTH) -> dict[Any, str]
                             _name(named, key, _describe(qualname, child, below, key, down))
                 continue
             if len(following) < WIDTH:
+                ours.add(id(routes))
                 down[ident] = routes
                 following[ident] = ref
         frontier = following
@@ -355,11 +361,15 @@ def _index_of(container: Any, value: Any) -> object | None:
 
 
 def held_by(
-    targets: Mapping[Any, Any], cache: dict[Any, str | None], *, key: Callable[[Any], Any]
+    targets: Mapping[Any, Any],
+    cache: dict[Any, str | None],
+    *,
+    key: Callable[[Any], Any],
+    ignore: Iterable[object] = (),
 ) -> dict[Any, str]:
     """`holders` with a cache: a target's holder is searched once (by ``key(target)``)."""
     unknown = {k: obj for k, obj in targets.items() if key(k) not in cache}
-    found = holders(unknown) if unknown else {}
+    found = holders(unknown, ignore=ignore) if unknown else {}
     for k in unknown:
         cache[key(k)] = found.get(k)
     return {k: name for k in targets if (name := cache.get(key(k))) is not None}

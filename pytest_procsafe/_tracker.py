@@ -322,7 +322,10 @@ class Tracker:
             if item.kind == "leaked" and item.proc.pid in processes
         }
         held = _holders.held_by(
-            targets, self._holders, key=lambda item: (item.proc.pid, item.proc.start)
+            targets,
+            self._holders,
+            key=lambda item: (item.proc.pid, item.proc.start),
+            ignore=(processes, look.objects()),
         )
         by_pid = {item.proc.pid: name for item, name in held.items()}
         parents = {item.proc.pid: item.proc.ppid for item in found}
