@@ -31,8 +31,6 @@ CleanupMode = Literal["kill", "session", "keep"]
 
 LEAK_MODES: Final = ("fail", "warn", "off")
 CLEANUP_MODES: Final = ("auto", "kill", "session", "keep")
-#: Keywords ``@pytest.mark.procsafe(...)`` accepts.
-MARKER_KEYWORDS: Final = ("leaks", "start_methods", "timeout", "kill_grace", "ignore")
 
 
 @final
@@ -130,6 +128,8 @@ class Settings:
     cleanup: CleanupMode
     ignore: tuple[re.Pattern[str], ...]
     report: Path | None
+    #: Whether ``cleanup`` is what ``auto`` resolved to (messages then say why).
+    cleanup_auto: bool = False
 
     def header(self) -> str:
         """The one line ``pytest_report_header`` shows."""
@@ -140,7 +140,6 @@ class Settings:
 
 
 SETTINGS_KEY: Final = pytest.StashKey[Settings]()
-_ITEM_KEY: Final = pytest.StashKey[Settings]()
 
 
 class SettingError(ValueError):
@@ -260,7 +259,8 @@ def resolve(
             )
     except SettingError as exc:
         raise pytest.UsageError(f"procsafe: {exc}") from None
-    if cleanup == "auto":
+    auto = cleanup == "auto"
+    if auto:
         cleanup = "kill" if leaks == "fail" else "session"
     return Settings(
         leaks=leaks,
@@ -268,6 +268,7 @@ def resolve(
         timeout=timeout,
         kill_grace=grace,
         cleanup=cast(CleanupMode, cleanup),
+        cleanup_auto=auto,
         ignore=tuple(ignore),
         report=report,
     )
@@ -275,73 +276,3 @@ def resolve(
 
 def session_settings(config: pytest.Config) -> Settings:
     return config.stash[SETTINGS_KEY]
-
-
-# --- marker ---------------------------------------------------------------------------
-
-
-def marker_overrides(
-    markers: Iterable[pytest.Mark], base: Settings
-) -> tuple[Settings, tuple[str, ...] | None]:
-    """Apply ``procsafe`` markers (closest first, as ``iter_markers`` yields them).
-
-    Returns the test's settings and the marker's start methods (None when no marker set
-    them; they still have to be intersected with the session's selection). Raises
-    `SettingError` naming the keyword on bad input.
-    """
-    merged: dict[str, object] = {}
-    ignore: list[re.Pattern[str]] = []
-    for mark in markers:
-        if mark.args:
-            raise SettingError(
-                f"@pytest.mark.procsafe takes keyword arguments only "
-                f"({', '.join(MARKER_KEYWORDS)}), got positional {mark.args!r}"
-            )
-        for key, value in mark.kwargs.items():
-            if key not in MARKER_KEYWORDS:
-                raise SettingError(
-                    f"@pytest.mark.procsafe: unknown keyword {key!r}; "
-                    f"allowed: {', '.join(MARKER_KEYWORDS)}"
-                )
-            if key == "ignore":
-                ignore.extend(parse_patterns("@pytest.mark.procsafe(ignore=...)", value))
-            else:
-                merged.setdefault(key, value)  # the closest marker wins
-    changes: dict[str, object] = {}
-    where = "@pytest.mark.procsafe({}=...)"
-    if "leaks" in merged:
-        changes["leaks"] = parse_choice(where.format("leaks"), merged["leaks"], LEAK_MODES)
-    if "timeout" in merged:
-        changes["timeout"] = parse_seconds(
-            where.format("timeout"), merged["timeout"], allow_zero=False
-        )
-    if "kill_grace" in merged:
-        changes["kill_grace"] = parse_seconds(
-            where.format("kill_grace"), merged["kill_grace"], allow_zero=True
-        )
-    if ignore:
-        changes["ignore"] = base.ignore + tuple(ignore)
-    methods = None
-    if "start_methods" in merged:
-        # Validate the names only: a marker may name a method this platform lacks (a
-        # fork-only test on Windows); the intersection then skips it.
-        methods = parse_methods(
-            where.format("start_methods"), merged["start_methods"], platform=_methods.KNOWN
-        )
-    settings = dataclasses.replace(base, **changes) if changes else base  # type: ignore[arg-type]
-    return settings, methods
-
-
-def item_settings(item: pytest.Item) -> Settings:
-    """The settings for one test: the session's, with its markers applied (cached)."""
-    try:
-        return item.stash[_ITEM_KEY]
-    except KeyError:
-        pass
-    base = session_settings(item.config)
-    try:
-        settings, _ = marker_overrides(item.iter_markers("procsafe"), base)
-    except SettingError as exc:  # already reported at collection; keep teardown sane
-        raise pytest.UsageError(str(exc)) from None
-    item.stash[_ITEM_KEY] = settings
-    return settings

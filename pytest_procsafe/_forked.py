@@ -136,7 +136,9 @@ class ForkedChecks:
                 by_owner.setdefault(str(record.get("owner")), []).append(record)
             if self.settings.leaks == "warn":
                 for owner, group in by_owner.items():
-                    text = _report.describe(owner, group, self.settings.cleanup)
+                    text = _report.describe(
+                        owner, group, self.settings.cleanup, auto=self.settings.cleanup_auto
+                    )
                     self._warn(text, where, escalate=False)
         tracker = self.tracker
         for pid, ppid, start in running:

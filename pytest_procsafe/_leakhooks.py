@@ -16,10 +16,11 @@ from typing import final
 
 import pytest
 
-from pytest_procsafe import _config
 from pytest_procsafe import _forked
 from pytest_procsafe import _leaks
+from pytest_procsafe import _marker
 from pytest_procsafe import _report
+from pytest_procsafe import _summary
 
 
 def start(config: pytest.Config, checks: _leaks.LeakChecks) -> None:
@@ -104,8 +105,13 @@ class SessionHooks:
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         checks = self.checks
-        _report.write_summary(
-            terminalreporter, checks.report, error=checks.report_error, failed=checks.failed
+        _summary.write(
+            terminalreporter,
+            checks.report,
+            mode=checks.settings.leaks,
+            verbose=terminalreporter.verbosity > 0,
+            error=checks.report_error,
+            failed=checks.failed,
         )
 
 
@@ -146,7 +152,7 @@ class PerTestHooks:
         return result
 
     def _test_end(self, item: pytest.Item) -> str | None:
-        message = self.checks.test_end(lambda: _config.item_settings(item))
+        message = self.checks.test_end(lambda: _marker.item_settings(item))
         if self.checks.forked:  # pytest-forked's test process: the parent takes over
             found = self.checks.handoff()
             if found is not None:

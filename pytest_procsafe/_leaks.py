@@ -304,11 +304,11 @@ class LeakChecks(_forked.ForkedChecks):
         message = None
         if loose:
             where = owner.where or _report.where_of(loose)
-            text = _report.describe(owner.label, loose, cleanup)
+            text = _report.describe(owner.label, loose, cleanup, auto=self.settings.cleanup_auto)
             message = self._deliver(text, owner, settings, test, where=where)
         if held:
             # Held on purpose, still running at the end: told, never a failure.
-            text = _report.describe(owner.label, held, cleanup)
+            text = _report.describe(owner.label, held, cleanup, auto=self.settings.cleanup_auto)
             self._warn(text, _report.where_of(held), escalate=False)
         return message
 
@@ -357,7 +357,9 @@ class LeakChecks(_forked.ForkedChecks):
         self.report.add(records)
         if self.forked:
             self._handoff.extend(records)
-        message = _report.describe(owner.label, records, self.settings.cleanup)
+        message = _report.describe(
+            owner.label, records, self.settings.cleanup, auto=self.settings.cleanup_auto
+        )
         return self._deliver(message, owner, settings, test)
 
     def _unlink_deferred(self) -> None:

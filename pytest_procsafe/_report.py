@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 from typing import Final
 from typing import Literal
-from typing import Protocol
 from typing import final
 
 VERSION: Final = 1
@@ -186,22 +185,49 @@ def tree_lines(records: Sequence[Record], *, action: bool = True) -> list[str]:
     return lines
 
 
-def describe(owner: str, records: Sequence[Record], cleanup: str) -> str:
-    """The warning / failure text for one owner's leaks."""
+def describe(owner: str, records: Sequence[Record], cleanup: str, *, auto: bool = False) -> str:
+    """The warning / failure text for one owner's leaks: what was left, what was done
+    about it and why, in the user's terms (*auto*: ``cleanup`` is what ``auto`` chose)."""
     head = f"procsafe: {owner} left {_counted(records)} behind:"
     deferred = cleanup == "session"
-    body = "\n".join("  " + line for line in tree_lines(records, action=not deferred))
+    body = "\n".join(
+        "  " + line for line in tree_lines(records, action=not deferred or owner == "session")
+    )
     actions = {str(record["action"]) for record in records}
     segments = all(record["pid"] is None for record in records)
-    if deferred and actions & {"killed", "reaped", "unlinked"}:
-        done = "unlinked" if segments else "stopped"
-        tail = f"they are {done} at the end of the session (--procsafe-cleanup=session)"
+    done = "unlinked" if segments else "stopped"
+    if deferred and owner != "session" and actions & {"killed", "reaped", "unlinked"}:
+        still = "still there" if segments else "still running"
+        if auto:
+            tail = (
+                f"they are {still}: warn mode leaves them until the end of the session, so "
+                f"the suite behaves as without procsafe (--procsafe-cleanup=kill: {done} "
+                "right away)"
+            )
+        else:
+            tail = (
+                f"they are {still}; {done} at the end of the session (--procsafe-cleanup=session)"
+            )
     elif actions == {"kept"} and segments:
         tail = "they were kept (--procsafe-cleanup=keep); unlink them yourself"
     elif actions == {"kept"}:
         tail = "they were kept running (--procsafe-cleanup=keep); stop them yourself"
     else:
-        tail = "they were " + " / ".join(sorted(_WHEN[action] for action in actions))
+        what = " / ".join(sorted(_WHEN[action] for action in actions))
+        if owner == "session":
+            why = "at the end of the session"
+        elif auto:
+            why = "right away: fail mode stops leaks at once, so the next test starts clean"
+        else:
+            why = "right away (--procsafe-cleanup=kill)"
+        tail = f"they were {what} {why}"
+    if records and all(record.get("held_by") for record in records):
+        holders = ", ".join(sorted({str(record["held_by"]) for record in records}))
+        tail = (
+            f"held on purpose by {holders}, so no test's leak; {tail.removeprefix('they were ')}"
+            if tail.startswith("they were ")
+            else f"held on purpose by {holders}, so no test's leak; {tail}"
+        )
     return f"{head}\n{body}\n{tail}"
 
 
@@ -263,22 +289,6 @@ class Report:
             counts[record["kind"]] = counts.get(record["kind"], 0) + 1
         return counts
 
-    def summary(self) -> list[str]:
-        """The lines of the terminal summary's ``procsafe`` section (none when clean)."""
-        if not self.records:
-            return []
-        counts = ", ".join(f"{n} {kind}" for kind, n in self.counts().items() if n)
-        lines = [f"{len(self.records)} left behind ({counts})"]
-        owners: dict[str, list[Record]] = {}
-        for record in self.records:
-            worker = record.get("worker")  # pids only mean something on their own worker
-            owner = f"{record['owner']} [{worker}]" if worker else record["owner"]
-            owners.setdefault(owner, []).append(record)
-        for owner, records in owners.items():
-            lines.append(owner)
-            lines.extend("    " + line for line in tree_lines(records))
-        return lines
-
     def as_json(self) -> dict[str, Any]:
         return {"version": VERSION, "leaks": self.records, "counts": self.counts()}
 
@@ -295,27 +305,3 @@ class Report:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
-
-
-class Terminal(Protocol):
-    """What the summary writes to: pytest's terminal reporter."""
-
-    def section(self, title: str, sep: str = ..., **markup: bool) -> None: ...
-
-    def line(self, msg: str, **markup: bool) -> None: ...
-
-
-def write_summary(terminal: Terminal, report: Report, *, error: str | None, failed: bool) -> None:
-    """The terminal summary's ``procsafe`` section: nothing at all when the run was clean."""
-    lines = report.summary()
-    if not lines and error is None:
-        return
-    terminal.section("procsafe")
-    for line in lines:
-        terminal.line(line)
-    if error is not None:
-        terminal.line(error, red=True)
-    if failed:
-        terminal.line(
-            "procsafe: leaks outside tests (fixtures, the session) fail the run", red=True
-        )

@@ -18,6 +18,7 @@ from pytest_procsafe import _config
 from pytest_procsafe import _imports
 from pytest_procsafe import _leakhooks
 from pytest_procsafe import _leaks
+from pytest_procsafe import _marker
 from pytest_procsafe import _methods
 from pytest_procsafe import _sigterm
 
@@ -77,6 +78,11 @@ def pytest_configure(config: pytest.Config) -> None:
     _configure_leaks(config)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _marker.check(item)  # a bad procsafe marker is this test's error
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return _config.session_settings(config).header()
 
@@ -86,12 +92,17 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     base = _config.session_settings(metafunc.config)
-    try:
-        _, wanted = _config.marker_overrides(metafunc.definition.iter_markers("procsafe"), base)
-    except _config.SettingError as exc:
-        # A collection error naming the keyword; the message is the whole story.
-        pytest.fail(str(exc), pytrace=False)
     if "mp_start_method" not in metafunc.fixturenames:
+        return
+    try:
+        _, wanted = _marker.marker_overrides(metafunc.definition.iter_markers("procsafe"), base)
+    except _config.SettingError:
+        # The test's own error, at its setup (`_marker.check`), and only once: not once
+        # per start method, and not the whole module's collection.
+        if _methods.who_chooses(metafunc, ours=__name__) is None:
+            metafunc.parametrize(
+                "mp_start_method", [pytest.param(None, id="bad-marker")], indirect=True
+            )
         return
     whose = _methods.who_chooses(metafunc, ours=__name__)
     if whose is not None:
@@ -177,7 +188,7 @@ def mp_process(
 
     item = request.node
     assert isinstance(item, pytest.Item)
-    settings = _config.item_settings(item)
+    settings = _marker.item_settings(item)
     group = WorkerGroup(
         mp_context,
         start_method=mp_start_method,
@@ -242,7 +253,7 @@ def mp_channels(
 
     item = request.node
     assert isinstance(item, pytest.Item)
-    settings = _config.item_settings(item)
+    settings = _marker.item_settings(item)
     channels = Channels(
         mp_context,
         timeout=settings.timeout,

@@ -110,40 +110,67 @@ def test_marker_narrows_and_an_empty_intersection_skips(pytester: pytest.Pyteste
     )
 
 
-def test_bad_marker_is_a_collection_error_naming_the_keyword(pytester: pytest.Pytester) -> None:
+def test_a_bad_marker_is_its_tests_error_once_and_the_module_runs(
+    pytester: pytest.Pytester,
+) -> None:
     pytester.makepyfile(
         test_bad="""
         import pytest
 
-        @pytest.mark.procsafe(timeoutt=3)
+        def test_before(mp_context):
+            pass
+
+        @pytest.mark.procsafe(timoutt=3)
         def test_typo():
             pass
-        """,
-        test_positional="""
-        import pytest
 
         @pytest.mark.procsafe("fail")
         def test_positional():
             pass
-        """,
-        test_value="""
-        import pytest
+
+        @pytest.mark.procsafe(timeout="5")
+        def test_string_seconds(mp_context):
+            pass
 
         @pytest.mark.procsafe(kill_grace=-1)
-        def test_value(mp_context):
+        def test_value(mp_process):
+            raise AssertionError("ran despite its bad marker")
+
+        @pytest.mark.procsafe(cleanup="kill")
+        def test_session_only():
+            pass
+
+        def test_after():
             pass
         """,
     )
-    result = run(pytester)
-    assert result.ret == pytest.ExitCode.INTERRUPTED
-    result.assert_outcomes(errors=3)
+    result = run(pytester, "--procsafe-start-methods=fork,spawn")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    # The good tests run (test_before twice: one per start method); each bad one errors
+    # once, not once per start method, and nothing is lost at collection.
+    result.assert_outcomes(passed=3, errors=5)
+    output = result.stdout.str()
+    assert "ERROR collecting" not in output
+    assert "ran despite its bad marker" not in output
+    allowed = "allowed: leaks, start_methods, timeout, kill_grace, ignore"
     result.stdout.fnmatch_lines_random(
         [
-            "*@pytest.mark.procsafe: unknown keyword 'timeoutt'; allowed: leaks, start_methods, timeout, kill_grace, ignore",
-            "*@pytest.mark.procsafe takes keyword arguments only*",
-            "*@pytest.mark.procsafe(kill_grace=...): invalid value -1; expected a number of seconds >= 0",
+            "*procsafe: bad marker on test_bad.py::test_typo (test_bad.py:6): "
+            f"@pytest.mark.procsafe: unknown keyword 'timoutt'; {allowed}",
+            "*procsafe: bad marker on test_bad.py::test_positional (test_bad.py:10): "
+            "@pytest.mark.procsafe takes keyword arguments only*",
+            "*procsafe: bad marker on test_bad.py::test_string_seconds[[]bad-marker[]] "
+            "(test_bad.py:14): @pytest.mark.procsafe(timeout=...): invalid value '5'; "
+            "expected a number of seconds > 0 (a number, not a string)",
+            "*procsafe: bad marker on test_bad.py::test_value[[]bad-marker[]] "
+            "(test_bad.py:18): @pytest.mark.procsafe(kill_grace=...): invalid value -1; "
+            "expected a number of seconds >= 0",
+            f"*unknown keyword 'cleanup'; {allowed} (cleanup is set for the whole session: "
+            "--procsafe-cleanup or procsafe_cleanup)",
         ]
     )
+    # Said once per test, in its setup error (no second "During handling" copy).
+    assert output.count("unknown keyword 'timoutt'") == 1, output
 
 
 def test_conftest_override_wins(pytester: pytest.Pytester) -> None:

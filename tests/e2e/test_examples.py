@@ -21,6 +21,7 @@ import pytest
 
 from e2ekit import run
 from pytest_procsafe import _config
+from pytest_procsafe import _marker
 from pytest_procsafe import _methods
 from pytest_procsafe import hookspecs
 from pytest_procsafe import plugin
@@ -209,7 +210,7 @@ def test_docs_and_readme_name_every_option_with_its_default() -> None:
         if default is not None:
             assert re.search(rf"\| `{name}` \|[^\n]*\| `{default}` \|", readme), name
             assert re.search(rf"\| `{flag}` \|[^\n]*\| `{default}`", options), name
-    for keyword in _config.MARKER_KEYWORDS:
+    for keyword in _marker.MARKER_KEYWORDS:
         assert f"`{keyword}=`" in options, keyword
 
 

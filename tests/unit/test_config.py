@@ -10,6 +10,7 @@ import pytest
 
 import badvalues
 from pytest_procsafe import _config
+from pytest_procsafe import _marker
 from pytest_procsafe import _methods
 
 
@@ -110,7 +111,7 @@ class TestMarker:
     def apply(
         self, *marks: pytest.MarkDecorator
     ) -> tuple[_config.Settings, tuple[str, ...] | None]:
-        return _config.marker_overrides([m.mark for m in marks], self.base)
+        return _marker.marker_overrides([m.mark for m in marks], self.base)
 
     def test_no_marker_keeps_the_session_settings(self) -> None:
         assert self.apply() == (self.base, None)

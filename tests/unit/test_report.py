@@ -42,26 +42,54 @@ def test_trees_are_drawn_as_trees() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cleanup", "action", "tail", "shown"),
+    ("cleanup", "auto", "action", "tail", "shown"),
     [
-        ("kill", "killed", "they were stopped", "(appeared in call, killed)"),
-        ("kill", "reaped", "they were reaped", "(appeared in call, reaped)"),
+        (
+            "kill",
+            False,
+            "killed",
+            "they were stopped right away (--procsafe-cleanup=kill)",
+            "(appeared in call, killed)",
+        ),
+        (
+            "kill",
+            True,
+            "reaped",
+            "they were reaped right away: fail mode stops leaks at once, so the next test "
+            "starts clean",
+            "(appeared in call, reaped)",
+        ),
         (
             "session",
+            False,
             "killed",
-            "they are stopped at the end of the session (--procsafe-cleanup=session)",
+            "they are still running; stopped at the end of the session "
+            "(--procsafe-cleanup=session)",
+            "(appeared in call)",
+        ),
+        (
+            "session",
+            True,
+            "killed",
+            "they are still running: warn mode leaves them until the end of the session, so "
+            "the suite behaves as without procsafe (--procsafe-cleanup=kill: stopped right "
+            "away)",
             "(appeared in call)",
         ),
         (
             "keep",
+            False,
             "kept",
             "they were kept running (--procsafe-cleanup=keep); stop them yourself",
             "(appeared in call, kept)",
         ),
     ],
+    ids=["kill", "kill-auto", "session", "session-auto", "keep"],
 )
-def test_describe_says_what_was_done(cleanup: str, action: str, tail: str, shown: str) -> None:
-    text = _report.describe("t.py::t", [record(10, 1, action=action)], cleanup)
+def test_describe_says_what_was_done_and_why(
+    cleanup: str, auto: bool, action: str, tail: str, shown: str
+) -> None:
+    text = _report.describe("t.py::t", [record(10, 1, action=action)], cleanup, auto=auto)
     head, line, last = text.splitlines()
     assert head == "procsafe: t.py::t left 1 process behind:"
     assert line == f"  leaked pid 10 {shown}: sleep 10"
@@ -72,7 +100,18 @@ def test_describe_counts_and_mixed_actions() -> None:
     records = [record(10, 1), record(11, 1, kind="zombie", action="reaped")]
     text = _report.describe("fixture server", records, "kill")
     assert text.splitlines()[0] == "procsafe: fixture server left 2 processes behind:"
-    assert text.splitlines()[-1] == "they were reaped / stopped"
+    assert (
+        text.splitlines()[-1] == "they were reaped / stopped right away (--procsafe-cleanup=kill)"
+    )
+
+
+def test_describe_says_a_held_process_is_no_tests_leak() -> None:
+    held = record(10, 1, owner="session", held_by="reuse._executor")
+    text = _report.describe("session", [held], "kill", auto=True)
+    assert "(appeared in call, held by reuse._executor, killed)" in text
+    assert text.splitlines()[-1] == (
+        "held on purpose by reuse._executor, so no test's leak; stopped at the end of the session"
+    )
 
 
 def test_long_command_lines_are_shortened_for_people_only() -> None:
@@ -80,22 +119,6 @@ def test_long_command_lines_are_shortened_for_people_only() -> None:
     assert len(_report.command(long)) == _report.WIDTH
     assert _report.command(long).endswith("...")
     assert _report.command(record(10, 1, cmdline=[])) == "?"
-
-
-def test_summary_groups_by_owner_and_counts_kinds() -> None:
-    report = Report()
-    assert report.summary() == []
-    report.add([record(10, 1), record(11, 10, kind="zombie", action="reaped")])
-    report.add([record(20, 1, kind="orphan", owner="fixture server", phase="setup")])
-    assert report.counts() == {"leaked": 1, "zombie": 1, "orphan": 1}
-    assert report.summary() == [
-        "3 left behind (1 leaked, 1 zombie, 1 orphan)",
-        "t.py::t",
-        "    leaked pid 10 (appeared in call, killed): sleep 10",
-        "    └─ zombie pid 11 (appeared in call, reaped): sleep 11",
-        "fixture server",
-        "    orphan pid 20 (appeared in setup, killed): sleep 20",
-    ]
 
 
 def test_set_action_records_what_session_cleanup_did() -> None:
@@ -166,13 +189,6 @@ def test_worker_findings_travel_as_json_and_are_marked_with_the_worker() -> None
     assert got == [{**records[0], "worker": "gw3"}, {**records[1], "worker": "gw3"}]
     report = Report()
     report.add(got)
-    assert report.summary() == [
-        "2 left behind (2 leaked)",
-        "t.py::a [gw3]",
-        "    leaked pid 10 (appeared in call, killed): sleep 10",
-        "session [gw3]",
-        "    leaked pid 11 (appeared in call, killed): sleep 11",
-    ]
     assert report.as_json()["leaks"][0]["worker"] == "gw3"
 
 
@@ -211,10 +227,10 @@ def test_segments_are_named_counted_and_say_what_was_done() -> None:
         "  shared_memory psm_1 (appeared in call, unlinked)",
         "  semaphore /mp-2 (appeared in call, unlinked)",
     ]
-    assert text.endswith("they were stopped / unlinked")
+    assert text.endswith("they were stopped / unlinked right away (--procsafe-cleanup=kill)")
     deferred = _report.describe("t.py::t", records[1:2], "session")
     assert deferred.endswith(
-        "they are unlinked at the end of the session (--procsafe-cleanup=session)"
+        "they are still there; unlinked at the end of the session (--procsafe-cleanup=session)"
     )
     kept = _report.describe("t.py::t", [segment("psm_1", "shared_memory", "kept")], "keep")
     assert kept.endswith("they were kept (--procsafe-cleanup=keep); unlink them yourself")
