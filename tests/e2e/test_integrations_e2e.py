@@ -401,7 +401,8 @@ def test_a_worker_on_another_interpreter(
         check=False,
     )
     if probe.returncode != 0:
-        pytest.skip(f"python3.12 cannot import what a worker needs:\n{probe.stderr}")
+        last = (probe.stderr.strip().splitlines() or ["?"])[0]  # one line: "-ra" shows it
+        pytest.skip(f"python3.12 cannot import what a worker needs: {last}")
     pytester.makepyfile(test_other=OTHER_INTERPRETER)
     with no_survivors(monkeypatch):
         result = run(
