@@ -143,7 +143,11 @@ class Limits:
 
 @final
 class Worker:
-    """One worker process of a test. Built by `WorkerGroup`, not by users."""
+    """One worker process of a test. Built by `WorkerGroup`, not by users.
+
+    Its `exitcode` is 255 once it has exited if its exit status was collected elsewhere
+    (``os.waitpid(-1, ...)``, ``SIGCHLD`` set to ``SIG_IGN``): it is never taken for hung.
+    """
 
     def __init__(
         self,
