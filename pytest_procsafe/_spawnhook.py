@@ -5,7 +5,7 @@ Every spawn and forkserver launch (procsafe's workers, and a test's own ``Proces
 to the child, which unpickles it before anything else of the parent's arrives. Objects put
 there (*stowaways*, the trick coverage uses to start itself in spawn children) run code in
 the child at that moment: the module map (`_imports`), the resource-tracker listener
-(`_registrations`), later the stack-dump handler. Each part registers its rider here with
+(`_registrations`), the parent's environment (`_environ`), later the stack-dump handler. Each part registers its rider here with
 `carry`; this module owns the wrapper, so there is one in the chain whatever parts are in
 use, and it chains with whatever was there before (coverage may have wrapped it first).
 

@@ -6,16 +6,15 @@ the child's own exception re-raised with the remote traceback as its cause, `Wor
 (``result()`` called, or a final ``exitcode`` read) so the group's teardown can report the
 failures nobody saw. `wait_for` is the one wait loop: it reads result pipes and runs the
 channels' pumps while it waits, so neither a big result nor a full queue can block a
-worker's exit.
+worker's exit. Exits are read through `_exits.ExitWatch`, which also sees a worker whose
+exit status someone else collected.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import pickle
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from typing import Final
 from typing import final
 
 from pytest_procsafe import _escalate
+from pytest_procsafe import _exits
 from pytest_procsafe import _seconds
 from pytest_procsafe import _stacks
 from pytest_procsafe._bootstrap import ERROR
@@ -36,6 +36,7 @@ from pytest_procsafe._bootstrap import LOAD_FAILED
 from pytest_procsafe._bootstrap import UNPICKLABLE
 from pytest_procsafe._bootstrap import VALUE
 from pytest_procsafe._bootstrap import Outcome
+from pytest_procsafe._exits import exit_status
 
 #: What waits of a worker call between checks: the group's current pump, or None.
 Pumper = Callable[[], "Callable[[], None] | None"]
@@ -81,31 +82,16 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.text.rstrip()}\n"""'
 
 
-def exit_status(code: int) -> str:
-    """ "exited with code 3" or "was killed by SIGKILL" for a multiprocessing exit code."""
-    if code >= 0:
-        return f"exited with code {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
-    return f"was killed by {name}"
-
-
 def wait_for(
-    workers: Sequence[Worker],
-    timeout: float,
-    *,
-    pump: Callable[[], None] | None = None,
-    for_outcome: bool = False,
+    workers: Sequence[Worker], timeout: float, *, pump: Callable[[], None] | None = None
 ) -> None:
-    """Wait up to *timeout* until every worker exited (or, *for_outcome*, reported).
+    """Wait up to *timeout* until every worker exited.
 
     Reads the result pipes all along and calls *pump* every `PUMP_INTERVAL`.
     """
     deadline = time.monotonic() + timeout
     while True:
-        pending = [worker for worker in workers if not worker.settled(for_outcome)]
+        pending = [worker for worker in workers if not worker.settled()]
         remaining = deadline - time.monotonic()
         if not pending or remaining <= 0:
             return
@@ -117,15 +103,9 @@ def wait_for(
             pump()
 
 
-# The real os.kill, taken at import: teardown runs while a test's monkeypatch of os.kill
-# is still active (multiprocessing's terminate() and kill() call os.kill by name), and a
-# hung worker must be stopped all the same.
-_KILL: Final = os.kill
-
-
 def send_signal(worker: Worker, signum: int) -> None:
-    """Send *signum* to *worker* unless it has been reaped (then its pid is not ours)."""
-    if worker.process.exitcode is not None:
+    """Send *signum* to *worker* unless it has exited (then its pid is not ours)."""
+    if worker.settled():
         return
     if sys.platform == "win32":  # no signals there: multiprocessing's own calls
         if signum == _escalate.SIGTERM:
@@ -133,8 +113,7 @@ def send_signal(worker: Worker, signum: int) -> None:
         else:
             worker.process.kill()
         return
-    with contextlib.suppress(ProcessLookupError):
-        _KILL(worker.pid, signum)
+    worker._watch.send(signum)
 
 
 def stop_workers(
@@ -145,7 +124,7 @@ def stop_workers(
         workers,
         grace,
         send=send_signal,
-        exited=lambda worker: worker.process.exitcode is not None,
+        exited=lambda worker: worker.settled(),
         wait=lambda pending, timeout: wait_for(pending, timeout, pump=pump),
     )
 
@@ -164,7 +143,11 @@ class Limits:
 
 @final
 class Worker:
-    """One worker process of a test. Built by `WorkerGroup`, not by users."""
+    """One worker process of a test. Built by `WorkerGroup`, not by users.
+
+    Its `exitcode` is 255 once it has exited if its exit status was collected elsewhere
+    (``os.waitpid(-1, ...)``, ``SIGCHLD`` set to ``SIG_IGN``): it is never taken for hung.
+    """
 
     def __init__(
         self,
@@ -180,6 +163,7 @@ class Worker:
         self._limits = limits
         self._pumper = pumper
         self._process = process
+        self._watch: Final = _exits.ExitWatch(process, limits.start_method)
         self._reader: Connection | None = reader
         self._outcome: Outcome | None = None
         self._observed = False
@@ -218,11 +202,16 @@ class Worker:
     def exitcode(self) -> int | None:
         """The exit code (negative: killed by that signal), None while running.
 
+        255 when the worker exited but its exit status was collected elsewhere (the test
+        or the code under test called ``os.wait()`` or ``os.waitpid(-1, ...)``, or set
+        ``SIGCHLD`` to ``SIG_IGN``): the process is gone and its real code is lost. Such a
+        worker is seen to have exited within a second; messages about it say so.
+
         Reading a final exit code counts as looking at the outcome: teardown then no
         longer reports an exception or a crash of this worker.
         """
         self._collect()
-        code = self._process.exitcode
+        code = self._watch.exitcode()
         if code is not None:
             self._observed = True
         return code
@@ -230,39 +219,49 @@ class Worker:
     def is_alive(self) -> bool:
         """Whether the worker process is still running."""
         self._collect()
-        return self._process.is_alive()
+        return self._watch.exitcode() is None and self._process.is_alive()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the worker to exit; raise `WorkerTimeout` if it is still running."""
         __tracebackhide__ = True  # pytest shows the caller's line, not ours
         limit = self._limit(timeout)
         wait_for([self], limit, pump=self._pumper())
-        if self._process.exitcode is None:
+        if self._watch.exitcode() is None:
             self._overdue = self._overdue or timeout is None
             raise WorkerTimeout(f"{self.label()} of {self._limits.owner} {self._running(limit)}")
 
     def result(self, timeout: float | None = None) -> Any:
-        """The target's return value, once the worker hands it back.
+        """The target's return value, once the worker has handed it back and exited.
 
-        Re-raises the target's own exception (an ``Exception`` subclass) with the remote
-        traceback chained as its cause. Raises `WorkerError` when the value or exception
-        cannot be brought back, for a ``KeyboardInterrupt`` or other ``BaseException`` in
-        the worker, or when the target could not be loaded; `WorkerCrashed` when the worker
-        ended without an outcome (killed by a signal, ``os._exit``) or raised
-        ``SystemExit`` with a non-zero code (``SystemExit(0)`` returns None); and
-        `WorkerTimeout` when it has not finished within *timeout*.
+        It returns only after the worker exited, so `exitcode` is final by then. Re-raises
+        the target's own exception (an ``Exception`` subclass) with the remote traceback
+        chained as its cause. Raises `WorkerError` when the value or exception cannot be
+        brought back, for a ``KeyboardInterrupt`` or other ``BaseException`` in the
+        worker, or when the target could not be loaded; `WorkerCrashed` when the worker
+        ended without an outcome (killed by a signal, ``os._exit``, or its exit status was
+        collected elsewhere so nobody can tell) or raised ``SystemExit`` with a non-zero
+        code (``SystemExit(0)`` returns None); and `WorkerTimeout` when it has not exited
+        within *timeout*, with or without handing back its outcome (a worker that does
+        not exit is a hung worker: teardown shows its stack).
         """
         __tracebackhide__ = True  # pytest shows the caller's line, not ours
         limit = self._limit(timeout)
-        wait_for([self], limit, pump=self._pumper(), for_outcome=True)
+        wait_for([self], limit, pump=self._pumper())
         outcome = self._outcome
         label = self.label()
+        code = self._watch.exitcode()
+        if code is None:
+            self._overdue = self._overdue or timeout is None
+            did = f" {self._did()} but" if outcome is not None else ""
+            raise WorkerTimeout(f"{label} of {self._limits.owner}{did} {self._running(limit)}")
         if outcome is None:
-            code = self._process.exitcode
-            if code is None:
-                self._overdue = self._overdue or timeout is None
-                raise WorkerTimeout(f"{label} of {self._limits.owner} {self._running(limit)}")
             self._observed = True
+            if self._watch.collected_elsewhere:
+                raise WorkerCrashed(
+                    f"{label} exited before handing back a result, and its exit status was "
+                    "collected elsewhere (os.wait(), os.waitpid(-1, ...) or SIGCHLD set to "
+                    "SIG_IGN in the test process), so how it ended is unknown"
+                )
             hint = " (did the target call os._exit()?)" if code == 0 else ""
             by = " after the test stopped it" if self._stopped else ""
             raise WorkerCrashed(
@@ -278,7 +277,7 @@ class Worker:
         """
         __tracebackhide__ = True  # pytest shows the caller's line, not ours
         limit = self._limits.kill_grace if grace is None else _seconds.check("grace", grace)
-        if self._process.exitcode is None:
+        if self._watch.exitcode() is None:
             self._stopped = True
         stop_workers([self], limit, pump=self._pumper())
 
@@ -291,10 +290,10 @@ class Worker:
         self._collect()
         who = f"worker {self.name!r} pid {self.pid}"
         did = self._did()
-        code = self._process.exitcode
+        code = self._watch.exitcode()
         if code is None:
             return f"{who} {did} and is still running" if did else f"{who} is still running"
-        status = exit_status(code) + (" (stopped)" if self._stopped else "")
+        status = self._watch.status(code) + (" (stopped)" if self._stopped else "")
         if did:
             return f"{who} {did} and {status}"
         return f"{who} {status} before handing back a result"
@@ -313,15 +312,17 @@ class Worker:
             if outcome.kind == EXIT and outcome.code != 0 and include_crash:
                 return f"exited with code {outcome.code} ({outcome.summary}), {_NOT_LOOKED_AT}."
             return None
-        code = self._process.exitcode
+        code = self._watch.exitcode()
         if not include_crash or self._stopped or not code:
             return None
-        return f"{exit_status(code)} before handing back a result, {_NOT_LOOKED_AT}."
+        return f"{self._watch.status(code)} before handing back a result, {_NOT_LOOKED_AT}."
 
     def release(self) -> None:
         """Read a last outcome, close the result pipe and remove the stack dump file."""
         self._collect()
         self._close_reader()
+        self._watch.exitcode()  # settles an exit whose status was collected elsewhere
+        self._watch.close()
         _stacks.remove(self.stack_file)
 
     def _interpret(self, outcome: Outcome, label: str) -> Any:
@@ -356,6 +357,10 @@ class Worker:
             why = "not re-raised here, where it would stop the whole test run"
         raise WorkerError(f"{label} raised {outcome.summary} ({why})") from remote
 
+    def handed_back(self) -> str:
+        """What the worker handed back ("returned 4", "raised ValueError: x"), or ""."""
+        return self._did()
+
     def _did(self) -> str:
         outcome = self._outcome
         if outcome is None:
@@ -370,18 +375,14 @@ class Worker:
     def _running(self, limit: float) -> str:
         return f"is still running after {limit:g}s (teardown shows where it is stuck)"
 
-    def settled(self, for_outcome: bool = False) -> bool:
-        """Whether it exited (or, *for_outcome*, handed back its outcome)."""
+    def settled(self) -> bool:
+        """Whether it exited (also when its exit status was collected elsewhere)."""
         self._collect()
-        if for_outcome and self._outcome is not None:
-            return True
-        return self._process.exitcode is not None
+        return self._watch.exitcode() is not None
 
     def waitables(self) -> list[Any]:
-        """What `wait_for` waits on: the sentinel while running, the result pipe while open."""
-        waitables: list[Any] = []
-        if self._process.exitcode is None:
-            waitables.append(self._process.sentinel)
+        """What `wait_for` waits on: what signals the exit, the result pipe while open."""
+        waitables = self._watch.waitables()
         if self._reader is not None:
             waitables.append(self._reader)
         return waitables
@@ -408,5 +409,5 @@ class Worker:
 
     def __repr__(self) -> str:
         code = self._process.exitcode
-        state = "running" if code is None else exit_status(code)
+        state = "running" if code is None else self._watch.status(code)
         return f"<Worker {self.name!r} pid={self.pid} {self._limits.start_method} {state}>"

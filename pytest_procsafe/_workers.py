@@ -221,7 +221,7 @@ class WorkerGroup:
 
     def all_exited(self) -> bool:
         """Whether workers were started and every one of them has exited."""
-        return bool(self._workers) and all(w.process.exitcode is not None for w in self._workers)
+        return bool(self._workers) and all(w.settled() for w in self._workers)
 
     def add_pump(self, pump: Callable[[], object]) -> None:
         """Call *pump* every few ms while waiting for workers (channels drain themselves)."""
@@ -339,6 +339,8 @@ class WorkerGroup:
         earlier = worker.unobserved_problem(include_crash=False)
         if earlier is not None:
             lines.append(f"Before that it {earlier}")
+        elif worker.handed_back():
+            lines.append(f"It had handed back its outcome ({worker.handed_back()}), then hung.")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ from typing import Final
 import pytest
 
 from pytest_procsafe import _config
+from pytest_procsafe import _environ
 from pytest_procsafe import _imports
 from pytest_procsafe import _leakhooks
 from pytest_procsafe import _leaks
@@ -171,6 +172,9 @@ def _configure_workers(config: pytest.Config) -> None:
     # Spawn/forkserver children resolve test modules and conftests to the files this
     # process imported them from, in every import mode, for any multiprocessing use.
     config.add_cleanup(_imports.install())
+    # Forkserver children get the environment the test process has when they start, not
+    # the one the server was started with (issue 18).
+    config.add_cleanup(_environ.install())
 
 
 @pytest.fixture

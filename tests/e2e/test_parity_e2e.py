@@ -136,3 +136,79 @@ def test_targets_from_test_files_and_conftests_in_every_import_mode(
 
 def _dedent(text: str) -> str:
     return textwrap.dedent(text).lstrip()
+
+
+ENVIRONMENT_HEADER = """
+    import os
+
+    NAMES = ("PROBE", "CHANGED", "HOME")
+    WAIT = 30
+
+
+    def environment(*names):
+        return {name: os.environ.get(name) for name in names}
+
+
+    def send_environment(connection):
+        connection.send(environment(*NAMES))
+        connection.close()
+
+
+    def own_process(context):
+        reader, writer = context.Pipe(duplex=False)
+        process = context.Process(target=send_environment, args=(writer,))
+        process.start()
+        writer.close()
+        try:
+            assert reader.poll(WAIT), "the process sent nothing"
+            return reader.recv()
+        finally:
+            process.join(WAIT)
+            reader.close()
+"""
+
+# Under forkserver the first worker of the run starts the server, which keeps the
+# environment of that moment: these run in both orders, the server started before the
+# change and during it.
+ENVIRONMENT_AS_STARTED = """
+    def test_as_started(mp_process, mp_context):
+        expected = environment(*NAMES)
+        assert expected["PROBE"] is None and expected["CHANGED"] == "old"
+        assert expected["HOME"] is not None
+        assert mp_process(environment, *NAMES).result() == expected
+        assert own_process(mp_context) == expected
+"""
+
+ENVIRONMENT_CHANGED = """
+    def test_changed(mp_process, mp_context, monkeypatch):
+        monkeypatch.setenv("PROBE", "bar")
+        monkeypatch.setenv("CHANGED", "new")
+        monkeypatch.delenv("HOME")
+        expected = {"PROBE": "bar", "CHANGED": "new", "HOME": None}
+        assert mp_process(environment, *NAMES).result() == expected
+        assert own_process(mp_context) == expected
+"""
+
+
+@pytest.mark.parametrize("server_first", [True, False], ids=["server-first", "change-first"])
+def test_every_method_sees_the_environment_as_the_test_has_it_in_any_order(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, server_first: bool
+) -> None:
+    tests = [ENVIRONMENT_AS_STARTED, ENVIRONMENT_CHANGED]
+    if not server_first:
+        tests.reverse()
+    pytester.makepyfile(test_environment="".join([ENVIRONMENT_HEADER, *tests]))
+    monkeypatch.setenv("CHANGED", "old")
+    monkeypatch.delenv("PROBE", raising=False)
+
+    with no_survivors(monkeypatch):
+        result = run(pytester, "-v", "-p", "no:randomly", options=FAIL_ON_LEAKS)
+
+    result.assert_outcomes(passed=2 * len(METHODS))
+    first, second = ("as_started", "changed") if server_first else ("changed", "as_started")
+    result.stdout.fnmatch_lines(
+        [
+            f"*::test_{first}[[]{METHODS[-1]}[]] PASSED*",
+            f"*::test_{second}[[]{METHODS[0]}[]] PASSED*",
+        ]
+    )

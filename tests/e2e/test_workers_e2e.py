@@ -215,3 +215,101 @@ def test_hung_workers_are_dumped_and_stopped_within_timeout_and_grace(
     # generous bounds, since the bound is what is being tested.
     for case in ElementTree.parse(pytester.path / "junit.xml").getroot().iter("testcase"):
         assert float(case.get("time", "inf")) < 1 + 0.5 + 3, case.get("name")
+
+
+EXITS = """
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    from pytest_procsafe import ChannelTimeout, WorkerCrashed
+
+    ELSEWHERE = "exited with an unknown status (its exit status was collected elsewhere)"
+    BOUND = 5  # the procsafe timeout is 30 s: a wait that does not see the exit takes that
+
+
+    def who():
+        return os.getpid()
+
+
+    def take_status(worker, method):
+        # Under forkserver the server, not the test process, is the worker's parent.
+        if method != "forkserver":
+            assert os.waitpid(-1, 0)[0] == worker.pid
+
+
+    def expected_code(method):
+        return 0 if method == "forkserver" else 255
+
+
+    def test_exitcode_after_result(mp_process):
+        w = mp_process.start(who, name="alpha")
+        assert w.result() == w.pid
+        assert w.exitcode == 0
+
+
+    def test_waitpid_took_the_status(mp_process, mp_start_method):
+        w = mp_process(who)
+        take_status(w, mp_start_method)
+        begin = time.monotonic()
+        w.join()
+        assert time.monotonic() - begin < BOUND
+        assert w.result() == w.pid
+        assert w.exitcode == expected_code(mp_start_method)
+
+
+    def test_sigchld_ignored(mp_process, mp_start_method):
+        previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        try:
+            w = mp_process(who)
+            begin = time.monotonic()
+            assert w.result() == w.pid
+            assert time.monotonic() - begin < BOUND
+            assert w.exitcode == expected_code(mp_start_method)
+        finally:
+            signal.signal(signal.SIGCHLD, previous)
+
+
+    def test_taken_without_a_result(mp_process, mp_start_method):
+        w = mp_process(os._exit, 0)
+        take_status(w, mp_start_method)
+        if mp_start_method == "forkserver":
+            match = "exited with code 0 before handing back a result"
+        else:
+            match = "its exit status was collected elsewhere"
+        with pytest.raises(WorkerCrashed, match=match):
+            w.result()
+
+
+    def test_channel_diagnosis(mp_process, mp_pipe, mp_start_method):
+        left, _right = mp_pipe
+        w = mp_process(who)
+        take_status(w, mp_start_method)
+        with pytest.raises(ChannelTimeout, match="every worker of this test has exited") as info:
+            left.recv()
+        if mp_start_method != "forkserver":
+            assert ELSEWHERE in str(info.value)
+        assert "still running" not in str(info.value)
+        assert w.result() == w.pid
+
+
+    def test_teardown_sees_it_exited(mp_process, mp_start_method):
+        take_status(mp_process(who), mp_start_method)
+"""
+
+
+def test_exit_codes_are_settled_and_a_taken_exit_status_is_an_exit(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(test_exits=EXITS)
+    with no_survivors(monkeypatch):
+        result = run(pytester, "-v", "--junitxml=junit.xml", options=FAIL_ON_LEAKS)
+
+    result.assert_outcomes(passed=6 * len(METHODS))
+    result.stdout.no_fnmatch_line("*still running*")
+    # Each test (setup, call and teardown) ends long before the 30 s timeout: the bound is
+    # what is tested, so it is generous.
+    for case in ElementTree.parse(pytester.path / "junit.xml").getroot().iter("testcase"):
+        assert float(case.get("time", "inf")) < 5, case.get("name")

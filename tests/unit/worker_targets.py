@@ -131,3 +131,43 @@ def parent_death_signal() -> int:
     value = ctypes.c_int(-1)
     ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG
     return value.value
+
+
+def return_then_linger(value: object, seconds: float) -> object:
+    """Return *value*; a non-daemon thread keeps the process from exiting for *seconds*."""
+    threading.Thread(target=time.sleep, args=(seconds,)).start()
+    return value
+
+
+def linger_forever_in_here() -> None:
+    while True:
+        time.sleep(0.01)
+
+
+def return_then_hang(value: object) -> object:
+    """Return *value*, then never exit: a non-daemon thread runs for ever."""
+    threading.Thread(target=linger_forever_in_here).start()
+    return value
+
+
+def environment(*names: str) -> dict[str, str | None]:
+    """The values of *names* in this worker's ``os.environ`` (None: not set)."""
+    return {name: os.environ.get(name) for name in names}
+
+
+def send_environment(connection: Any, names: tuple[str, ...]) -> None:
+    connection.send(environment(*names))
+    connection.close()
+
+
+def environment_in_own_forkserver_child(name: str, value: str) -> tuple[object, object]:
+    """*name* as a forkserver child of this worker sees it: before and after this worker
+    sets it to *value*, its forkserver started before the change."""
+    import multiprocessing
+
+    with multiprocessing.get_context("forkserver").Pool(1) as pool:
+        before = pool.apply_async(environment, (name,)).get(WAIT)
+    os.environ[name] = value
+    with multiprocessing.get_context("forkserver").Pool(1) as pool:
+        after = pool.apply_async(environment, (name,)).get(WAIT)
+    return before, after
