@@ -10,6 +10,7 @@ import multiprocessing
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+from typing import Any
 from typing import Final
 
 import pytest
@@ -53,7 +54,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             group.addoption(
                 option.flag, dest=option.ini, default=None, metavar=option.metavar, help=text
             )
-            parser.addini(option.ini, text, default=None)
+            parser.addini(option.ini, text, type=_ini_type(option), default=None)
+
+
+def _ini_type(option: _config.Option) -> Any:
+    """Seconds may be TOML numbers: pytest 9.2+ takes ``float | str`` for that (a string
+    still reaches procsafe's own parser and its messages); older pytest only strings."""
+    if option.metavar == "SECONDS" and pytest.version_tuple >= (9, 2):
+        return float | str
+    return None
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -76,11 +76,17 @@ def test_main_job_passes_and_shows_each_demo_leak(
         [f"*ProcessLeakWarning: procsafe: {test} left 1 process behind:" for test in kinds]
     )
     counts = ", ".join(f"1 {kind}" for kind in kinds.values())
-    summary = ["*= procsafe =*", f"{len(kinds)} left behind ({counts})"]
+    summary = ["*= procsafe =*", f"{len(kinds)} left behind by {len(kinds)} owners ({counts})"]
     for test, kind in kinds.items():
         action = "reaped" if kind == "zombie" else "killed"  # at session end
-        summary += [test, f"    {kind} pid * (appeared in call, {action}): *"]
+        summary += [f"{test}: 1 {kind}", f"    {kind} pid * (appeared in call*, {action}): *"]
+    summary.append("next: run with --procsafe-leaks=fail (in CI, say) to make the tests*")
     result.stdout.fnmatch_lines(summary)
+    # A newcomer's first run: the section fits a screen and ends with the next step.
+    section = result.stdout.str().split("= procsafe =", 1)[1].splitlines()[1:]
+    section = section[: next(i for i, line in enumerate(section) if line.startswith("=="))]
+    assert len(section) <= 30, section
+    assert section[-1].startswith("next: "), section
     report = json.loads((pytester.path / "report.json").read_text())
     assert {leak["owner"]: leak["kind"] for leak in report["leaks"]} == kinds
 

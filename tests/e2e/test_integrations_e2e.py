@@ -189,10 +189,10 @@ def test_leaky_suite_under_xdist_errors_exactly_the_leaking_tests(
     assert errored == set(leaking)
     # The controller's summary and report hold every worker's findings, with node ids.
     result.stdout.fnmatch_lines(
-        ["*= procsafe =*", f"{len(leaking)} left behind ({len(leaking)} leaked)"]
+        ["*= procsafe =*", f"{len(leaking)} left behind by * owners ({len(leaking)} leaked)"]
     )
     for nodeid in leaking:
-        result.stdout.fnmatch_lines([f"{literal(nodeid)} [[]gw[01][]]"])
+        result.stdout.fnmatch_lines([f"{literal(nodeid)} [[]gw[01][]]: 1 leaked"])
     leaks = report(pytester)["leaks"]
     assert sorted(leak["owner"] for leak in leaks) == sorted(leaking)
     assert {leak["worker"] for leak in leaks} <= {"gw0", "gw1"}

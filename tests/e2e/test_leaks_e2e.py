@@ -183,19 +183,20 @@ def test_fail_mode_errors_exactly_the_leaking_tests(
             "*ERROR at teardown of test_orphan*",
             "procsafe: test_kinds.py::test_orphan left 1 process behind:",
             "  orphan pid * (appeared in call, killed): *",
-            "they were stopped",
+            "they were stopped right away: fail mode stops leaks at once, so the next test "
+            "starts clean",
         ]
     )
     result.stdout.fnmatch_lines(
         [
             "*= procsafe =*",
-            f"{len(data['leaks'])} left behind ({5 + n + 1} leaked, 1 zombie, 1 orphan)",
-            "test_kinds.py::test_tree",
-            "    leaked pid * (appeared in call, killed): sh -c sleep 60 & sleep 61 & wait",
+            f"{len(data['leaks'])} left behind by * owners ({5 + n + 1} leaked, 1 zombie, 1 orphan)",
+            "test_kinds.py::test_tree: 3 leaked",
+            "    leaked pid * (appeared in call, created at *, killed): sh -c sleep 60 & sleep 61 & wait",
             "    ├─ leaked pid * (appeared in call, killed): sleep 6*",
             "    └─ leaked pid * (appeared in call, killed): sleep 6*",
-            "fixture careless_server",
-            "    leaked pid * (appeared in setup, killed): sleep 61",
+            "fixture careless_server: 1 leaked",
+            "    leaked pid * (appeared in setup, created at *, killed): sleep 61",
             "procsafe: leaks outside tests (fixtures, the session) fail the run",
         ]
     )
