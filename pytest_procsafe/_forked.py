@@ -137,7 +137,11 @@ class ForkedChecks:
             if self.settings.leaks == "warn":
                 for owner, group in by_owner.items():
                     text = _report.describe(
-                        owner, group, self.settings.cleanup, auto=self.settings.cleanup_auto
+                        owner,
+                        group,
+                        self.settings.cleanup,
+                        auto=self.settings.cleanup_auto,
+                        mode=self.settings.leaks,
                     )
                     self._warn(text, where, escalate=False)
         tracker = self.tracker

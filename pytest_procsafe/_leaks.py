@@ -304,11 +304,23 @@ class LeakChecks(_forked.ForkedChecks):
         message = None
         if loose:
             where = owner.where or _report.where_of(loose)
-            text = _report.describe(owner.label, loose, cleanup, auto=self.settings.cleanup_auto)
+            text = _report.describe(
+                owner.label,
+                loose,
+                cleanup,
+                auto=self.settings.cleanup_auto,
+                mode=self.settings.leaks,
+            )
             message = self._deliver(text, owner, settings, test, where=where)
         if held:
             # Held on purpose, still running at the end: told, never a failure.
-            text = _report.describe(owner.label, held, cleanup, auto=self.settings.cleanup_auto)
+            text = _report.describe(
+                owner.label,
+                held,
+                cleanup,
+                auto=self.settings.cleanup_auto,
+                mode=self.settings.leaks,
+            )
             self._warn(text, _report.where_of(held), escalate=False)
         return message
 
@@ -358,7 +370,11 @@ class LeakChecks(_forked.ForkedChecks):
         if self.forked:
             self._handoff.extend(records)
         message = _report.describe(
-            owner.label, records, self.settings.cleanup, auto=self.settings.cleanup_auto
+            owner.label,
+            records,
+            self.settings.cleanup,
+            auto=self.settings.cleanup_auto,
+            mode=self.settings.leaks,
         )
         return self._deliver(message, owner, settings, test)
 

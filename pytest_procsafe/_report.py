@@ -185,7 +185,14 @@ def tree_lines(records: Sequence[Record], *, action: bool = True) -> list[str]:
     return lines
 
 
-def describe(owner: str, records: Sequence[Record], cleanup: str, *, auto: bool = False) -> str:
+def describe(
+    owner: str,
+    records: Sequence[Record],
+    cleanup: str,
+    *,
+    auto: bool = False,
+    mode: str = "warn",
+) -> str:
     """The warning / failure text for one owner's leaks: what was left, what was done
     about it and why, in the user's terms (*auto*: ``cleanup`` is what ``auto`` chose)."""
     head = f"procsafe: {owner} left {_counted(records)} behind:"
@@ -200,7 +207,7 @@ def describe(owner: str, records: Sequence[Record], cleanup: str, *, auto: bool 
         still = "still there" if segments else "still running"
         if auto:
             tail = (
-                f"they are {still}: warn mode leaves them until the end of the session, so "
+                f"they are {still}: {mode} mode leaves them until the end of the session, so "
                 f"the suite behaves as without procsafe (--procsafe-cleanup=kill: {done} "
                 "right away)"
             )

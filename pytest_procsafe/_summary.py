@@ -23,7 +23,7 @@ from pytest_procsafe._report import command
 from pytest_procsafe._report import tree_lines
 
 #: Owners shown in full, and entries shown per owner, unless ``-v``.
-OWNERS: Final = 8
+OWNERS: Final = 10
 ENTRIES: Final = 3
 #: How many processes of one command line make an ``ignore`` pattern worth suggesting.
 SAME_COMMAND: Final = 3

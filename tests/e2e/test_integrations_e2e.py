@@ -242,7 +242,7 @@ def test_a_session_leak_on_a_worker_fails_the_run(
     result.stdout.fnmatch_lines(
         [
             "*= procsafe =*",
-            "fixture careless [[]gw*[]]",
+            "fixture careless [[]gw*[]]: 1 leaked",
             "procsafe: leaks outside tests (fixtures, the session) fail the run",
         ]
     )

@@ -413,7 +413,7 @@ def test_off_checks_nothing_unless_a_marker_asks(
         [
             "*ERROR at teardown of test_checked_by_its_marker*",
             "*= procsafe =*",
-            "test_off.py::test_checked_by_its_marker",
+            "test_off.py::test_checked_by_its_marker: 1 leaked",
         ]
     )
 

@@ -387,7 +387,7 @@ def test_leaked_segments_are_reported_and_unlinked(
             owner.endswith(f"::test_a_semaphore_a_worker_leaked[{method}]") for owner in owners
         )
     result.stdout.fnmatch_lines(
-        ["*procsafe*", "*left behind (*shared_memory*semaphore*)", "*shared_memory psm_*"]
+        ["*procsafe*", "*left behind by * (*shared_memory*semaphore*)", "*shared_memory psm_*"]
     )
     # Nothing the run made is left, and multiprocessing's tracker had nothing to complain of.
     left = set(os.listdir(_segments.SHM_DIR))

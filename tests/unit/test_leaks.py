@@ -210,7 +210,7 @@ def test_fail_mode_fails_the_test_and_kills_its_leaks(
     assert message.startswith("procsafe: test_x.py::test_x left 1 process behind:")
     assert f"leaked pid {started[0]} (appeared in call, created at " in message
     assert "killed): " in message
-    assert message.endswith("they were stopped")
+    assert message.endswith("they were stopped right away (--procsafe-cleanup=kill)")
     assert _proctable.stat(started[0]) is None
     [(owner, [leak])] = hooks.reported
     assert owner == "test_x.py::test_x"
@@ -225,7 +225,9 @@ def test_warn_mode_warns_and_session_cleanup_stops_at_the_end(
     report = tmp_path / "leaks.json"
     checks = make_checks(leaks="warn", cleanup="session", report=report, write_report=True)
     started: list[int] = []
-    with pytest.warns(ProcessLeakWarning, match=r"they are stopped at the end of the session"):
+    with pytest.warns(
+        ProcessLeakWarning, match=r"still running; stopped at the end of the session"
+    ):
         assert run_test(checks, lambda: started.append(kids.sleeper().pid)) is None
     assert proc(started[0])  # still running: warn mode does not change what the suite does
     checks.session_end()

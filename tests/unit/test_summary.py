@@ -53,7 +53,7 @@ def test_a_big_run_is_cut_to_a_screen_and_says_where_the_rest_is() -> None:
     assert short[0] == "120 left behind by 20 owners (120 leaked)"
     assert "    ... and 3 more of this owner" in short
     assert short[-2] == (
-        "... and 12 more owners with 72 more: -v shows them all, and the JSON report "
+        "... and 10 more owners with 60 more: -v shows them all, and the JSON report "
         "(--procsafe-report=PATH) lists every one"
     )
     assert short[-1].startswith("next: ")
