@@ -3,7 +3,7 @@
 `main` is the ``target`` of the ``multiprocessing`` process behind each worker. In order:
 
 1. arm the parent-death signal (Linux), so a worker dies with a killed pytest;
-2. register a faulthandler stack dump of every thread on ``SIGUSR1``, written to a file the
+2. register a faulthandler stack dump of every thread on `_stacks.SIGNAL`, written to a file the
    parent created, so the parent can show where a hung worker is stuck;
 3. start coverage when the parent's `_coverage.Plan` asks for it (before the payload is
    loaded, so a spawn child's imports of the test module are measured too);
@@ -43,6 +43,7 @@ from typing import Final
 from typing import NamedTuple
 
 from pytest_procsafe import _coverage
+from pytest_procsafe import _stacks
 from pytest_procsafe._payload import Payload
 from pytest_procsafe._payload import dumps
 
@@ -60,7 +61,7 @@ class Launch(NamedTuple):
 
     #: The start method, for messages.
     start_method: str
-    #: File for the faulthandler stack dump on SIGUSR1; None where signals cannot do it.
+    #: File for the faulthandler stack dump on `_stacks.SIGNAL`; None where there is none.
     stack_file: str | None
     #: Whether to arm PR_SET_PDEATHSIG: only when the thread that creates the child lives as
     #: long as the test process (the signal fires when that *thread* exits).
@@ -247,10 +248,10 @@ def _short_repr(value: object, limit: int = 80) -> str:
 def _register_stack_dump(path: str | None) -> None:
     global _stack_file
     register = getattr(faulthandler, "register", None)  # absent on Windows
-    if path is None or register is None:
+    if path is None or register is None or _stacks.SIGNAL is None:
         return
     _stack_file = open(path, "w")  # noqa: SIM115  # must outlive this function
-    register(signal.SIGUSR1, file=_stack_file, all_threads=True, chain=False)
+    register(_stacks.SIGNAL, file=_stack_file, all_threads=True, chain=False)
 
 
 def _arm_parent_death_signal(launch: Launch) -> None:

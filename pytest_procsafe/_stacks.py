@@ -1,9 +1,14 @@
-"""Stacks of live descendants: the faulthandler dump a procsafe worker writes on a signal.
+"""Stacks of live descendants: the faulthandler dump a child writes on `SIGNAL`.
 
-Each procsafe worker enables ``faulthandler`` on `SIGNAL` (SIGUSR1) at its bootstrap,
-writing to a file of its own; `capture` sends the signal (only to a process whose handler
-is installed: otherwise the signal would kill it), waits until each dump stops growing,
-and reads it. Imports neither pytest nor the plugin.
+Every multiprocessing child of the run has a ``faulthandler`` handler for `SIGNAL` writing
+to a file of its own (`_dumps`; procsafe's workers get theirs at their bootstrap).
+`capture` sends the signal (only to a process whose handler is installed: otherwise the
+signal would kill it), waits until each dump stops growing, and reads it; `trim` keeps the
+frames that matter. Imports neither pytest nor the plugin.
+
+The signal is a real-time one on Linux, ``SIGRTMIN + 7``: code under test often uses
+SIGUSR1 and SIGUSR2 for its own purposes and almost never real-time signals (glibc keeps
+the ones it needs for threads below ``SIGRTMIN``). Elsewhere it is SIGUSR1.
 """
 
 from __future__ import annotations
@@ -12,14 +17,22 @@ import contextlib
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Final
 
 #: The signal a worker dumps its stacks on; None where the platform has none.
-SIGNAL: Final = getattr(signal, "SIGUSR1", None)
+SIGNAL: Final[int | None] = (
+    signal.SIGRTMIN + 7 if hasattr(signal, "SIGRTMIN") else getattr(signal, "SIGUSR1", None)
+)
+#: How the signal reads in messages.
+SIGNAL_NAME: Final = (
+    "SIGRTMIN+7" if hasattr(signal, "SIGRTMIN") else "SIGUSR1" if SIGNAL is not None else None
+)
+#: Frames of each thread `trim` keeps (innermost first, as faulthandler writes them).
+FRAMES: Final = 4
+NO_STACK: Final = "no Python stack available"
 #: How long to wait for faulthandler's dump once the signal is sent (it writes at once).
 WAIT: Final = 1.0
 
@@ -28,6 +41,8 @@ def make_file() -> str | None:
     """A new file for one worker's dump (None where there is no signal to ask for one)."""
     if SIGNAL is None:
         return None
+    import tempfile  # the test process's side only: workers need not import it
+
     fd, path = tempfile.mkstemp(prefix="procsafe-stack-", suffix=".txt")
     os.close(fd)
     return path
@@ -101,3 +116,28 @@ def remove(path: str | None) -> None:
     if path is not None:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def trim(dump: str, frames: int = FRAMES) -> str:
+    """The innermost *frames* frames of each thread, threads running the user's code
+    first (the standard library's own threads, such as a pool's handlers, after)."""
+    threads: list[list[str]] = []
+    for line in dump.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith(" "):
+            threads.append([line])
+        elif threads:
+            threads[-1].append(line)
+
+    def users(thread: list[str]) -> bool:
+        return any("/lib/python" not in line and "File" in line for line in thread[1:])
+
+    threads.sort(key=lambda thread: not users(thread))
+    out: list[str] = []
+    for thread in threads:
+        out.append(thread[0])
+        out.extend(thread[1 : frames + 1])
+        if len(thread) > frames + 1:
+            out.append(f"  ... ({len(thread) - frames - 1} more frames)")
+    return "\n".join(out)

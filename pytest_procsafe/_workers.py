@@ -10,7 +10,7 @@ while the parent waits for it to exit.
 One worker, its outcome and the wait loop live in `_worker`; this module holds the
 group, its teardown and the registry of live groups. `WorkerGroup.close` is the teardown:
 join within the timeout, dump the stack of each worker still running (faulthandler on
-SIGUSR1 inside the child), terminate, kill after the grace, reap, and describe every
+`_stacks.SIGNAL` inside the child), terminate, kill after the grace, reap, and describe every
 worker that hung, or raised or crashed without the test looking.
 
 Signals only ever go to our own unreaped children: a child's pid cannot be reused before
@@ -330,11 +330,11 @@ class WorkerGroup:
         if stack is not None:
             lines.append(f"Its Python stack (all threads) when it was stopped:\n{stack.rstrip()}")
         elif _stacks.SIGNAL is None:
-            lines.append("(No stack: this platform has no SIGUSR1 for faulthandler.)")
+            lines.append("(No stack: this platform has no signal for faulthandler's dumps.)")
         else:
             lines.append(
                 "(No stack: the worker dumped none. It had not reached the procsafe bootstrap "
-                "yet, or its code replaced the SIGUSR1 handler.)"
+                f"yet, or its code replaced the {_stacks.SIGNAL_NAME} handler.)"
             )
         earlier = worker.unobserved_problem(include_crash=False)
         if earlier is not None:

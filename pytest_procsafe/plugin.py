@@ -16,6 +16,7 @@ from typing import Final
 import pytest
 
 from pytest_procsafe import _config
+from pytest_procsafe import _dumps
 from pytest_procsafe import _environ
 from pytest_procsafe import _imports
 from pytest_procsafe import _leakhooks
@@ -181,6 +182,8 @@ def _configure_workers(config: pytest.Config) -> None:
     # Spawn/forkserver children resolve test modules and conftests to the files this
     # process imported them from, in every import mode, for any multiprocessing use.
     config.add_cleanup(_imports.install())
+    # Every multiprocessing child of the run can tell where it is stuck.
+    config.add_cleanup(_dumps.activate())
     # Forkserver children get the environment the test process has when they start, not
     # the one the server was started with (issue 18).
     config.add_cleanup(_environ.install())

@@ -30,6 +30,7 @@ from worker_targets import ready_then_spin_in_a_named_function
 from worker_targets import return_a_lock
 
 from pytest_procsafe import _bootstrap
+from pytest_procsafe import _stacks
 from pytest_procsafe._bootstrap import Launch
 from pytest_procsafe._bootstrap import Outcome
 from pytest_procsafe._payload import Payload
@@ -176,7 +177,7 @@ def test_a_target_the_child_cannot_import_is_a_load_failure(
 # --- stack dumps and parent death -----------------------------------------------------
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs SIGUSR1")
+@pytest.mark.skipif(_stacks.SIGNAL is None, reason="needs a signal for faulthandler")
 def test_sigusr1_dumps_every_thread_to_the_stack_file_and_the_worker_lives_on(
     launcher: Launcher, mp_context: BaseContext, tmp_path: Path
 ) -> None:
@@ -188,7 +189,7 @@ def test_sigusr1_dumps_every_thread_to_the_stack_file_and_the_worker_lives_on(
     )
     assert ready.wait(WAIT)
 
-    os.kill(process.pid, signal.SIGUSR1)  # type: ignore[arg-type]
+    os.kill(process.pid, _stacks.SIGNAL)  # type: ignore[arg-type]
     deadline = time.monotonic() + WAIT
     while "ready_then_spin" not in stack_file.read_text() and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -171,3 +171,9 @@ def environment_in_own_forkserver_child(name: str, value: str) -> tuple[object, 
     with multiprocessing.get_context("forkserver").Pool(1) as pool:
         after = pool.apply_async(environment, (name,)).get(WAIT)
     return before, after
+
+
+def sleep_in_a_named_function(ready: Any, seconds: float) -> None:
+    """A plain child's target: its stack shows this function's name."""
+    ready.set()
+    time.sleep(seconds)

@@ -1,0 +1,121 @@
+"""The stack-dump handler of every multiprocessing child of the run, not only procsafe's.
+
+When something hangs, the question is which process and where. So every Python child the
+test process starts through ``multiprocessing`` (and every plain ``os.fork`` child) gets a
+``faulthandler`` handler for `_stacks.SIGNAL` that writes all its threads' stacks to
+``<run directory>/<pid>.txt``:
+
+* spawn and forkserver children get it as a rider of `_spawnhook` (unpickled before the
+  target, it installs the handler and rides on into the child's own children);
+* fork children through ``os.register_at_fork(after_in_child=...)``.
+
+Installing it costs one ``open`` and one ``faulthandler.register`` per child (well under a
+millisecond) and nothing per test. A child whose code replaces the handler, or that is
+not Python at all, simply has no stack: `_stacks.capture` only signals processes that
+catch the signal, and the reports say "no Python stack available". The directory is made
+when the session starts and removed when it ends. Imports neither pytest nor the plugin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+from collections.abc import Callable
+from typing import IO
+from typing import Final
+from typing import final
+
+from pytest_procsafe import _spawnhook
+from pytest_procsafe import _stacks
+
+#: The name of the handler among `_spawnhook`'s riders.
+RIDER: Final = "stacks"
+
+# The run's directory (None: no session here), and the file the handler of this very
+# process writes to (kept open: faulthandler writes to its descriptor from the handler).
+_STATE: dict[str, str | None] = {"dir": None}
+_FILE: list[IO[str]] = []
+_HOOKED: list[bool] = []
+
+
+def file_for(pid: int) -> str | None:
+    """Where *pid*'s handler writes its dump, while a session runs here."""
+    directory = _STATE["dir"]
+    return None if directory is None else os.path.join(directory, f"{pid}.txt")
+
+
+def install_here(directory: str) -> bool:
+    """Install the handler in this process, writing to *directory*/<pid>.txt."""
+    register = getattr(faulthandler, "register", None)
+    if register is None or _stacks.SIGNAL is None:
+        return False  # Windows: no such signals
+    _STATE["dir"] = directory
+    try:
+        file = open(os.path.join(directory, f"{os.getpid()}.txt"), "w")  # noqa: SIM115
+    except OSError:  # the run's directory is gone: the session is over
+        return False
+    while _FILE:  # a fork child inherits its parent's file object: not its own
+        with contextlib.suppress(OSError):
+            _FILE.pop().close()
+    _FILE.append(file)
+    register(_stacks.SIGNAL, file=file, all_threads=True, chain=False)
+    return True
+
+
+@final
+class _Stowaway:
+    """Rides in spawn/forkserver preparation data; unpickled in the child, it installs."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
+        return _arrive, (self.directory,)
+
+
+def _arrive(directory: str) -> None:
+    if install_here(directory):
+        _carry()
+
+
+def _rider() -> _Stowaway | None:
+    directory = _STATE["dir"]
+    return None if directory is None else _Stowaway(directory)
+
+
+def _carry() -> Callable[[], None]:
+    _hook_forks()
+    return _spawnhook.carry(RIDER, _rider)
+
+
+def _after_fork_in_child() -> None:
+    directory = _STATE["dir"]
+    if directory is not None:
+        install_here(directory)
+
+
+def _hook_forks() -> None:
+    if not _HOOKED and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)  # cannot be undone
+        _HOOKED.append(True)
+
+
+def activate() -> Callable[[], None]:
+    """In the test process: make the run's directory and give every child started from
+    now on the handler; returns the undo, which removes the directory."""
+    import shutil  # the test process's side only: children need neither
+    import tempfile
+
+    previous = _STATE["dir"]
+    directory = tempfile.mkdtemp(prefix="pytest-procsafe-stacks-")
+    _STATE["dir"] = directory
+    uncarry = _carry()
+
+    def undo() -> None:
+        uncarry()
+        if _STATE["dir"] == directory:
+            _STATE["dir"] = previous  # a nested run hands the outer one back
+        shutil.rmtree(directory, ignore_errors=True)
+
+    return undo
