@@ -10,9 +10,9 @@ from pytest_procsafe._version import __version__
 
 if TYPE_CHECKING:
     from pytest_procsafe._channels import Channels
-    from pytest_procsafe._leaks import ProcessLeakWarning
     from pytest_procsafe._report import LeakedProcess
     from pytest_procsafe._timeouts import ChannelTimeout
+    from pytest_procsafe._warnings import ProcessLeakWarning
     from pytest_procsafe._worker import Worker
     from pytest_procsafe._worker import WorkerCrashed
     from pytest_procsafe._worker import WorkerError
@@ -40,7 +40,7 @@ _LAZY: Final = {
     "ChannelTimeout": "_timeouts",
     "Channels": "_channels",
     "LeakedProcess": "_report",
-    "ProcessLeakWarning": "_leaks",
+    "ProcessLeakWarning": "_warnings",
     "Worker": "_worker",
     "WorkerCrashed": "_worker",
     "WorkerError": "_worker",

@@ -159,6 +159,19 @@ class PerTestHooks:
                 item.user_properties.append((_forked.KEY, found))
         return message
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        # A test that failed (a timeout, an assertion) while what it started still runs:
+        # show where each of those processes is, before its teardown stops them.
+        if report.when == "call" and report.failed:
+            text = self.checks.still_running()
+            if text:
+                report.sections.append(("procsafe: still running", text))
+        return report
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "teardown" or self.checks.forked:
             return

@@ -15,20 +15,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import final
-
-import pytest
 
 from pytest_procsafe import _forked
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
 from pytest_procsafe import _report
+from pytest_procsafe import _running
 from pytest_procsafe import _segments
+from pytest_procsafe import _warnings
 from pytest_procsafe._ledger import Found
 from pytest_procsafe._ledger import Owner
 from pytest_procsafe._machinery import detach
@@ -40,12 +39,6 @@ if TYPE_CHECKING:
     from pytest_procsafe._config import Settings
 
 Where = tuple[str, int]
-
-
-class ProcessLeakWarning(pytest.PytestWarning):
-    """A test, fixture or the session left processes behind (``--procsafe-leaks=warn``)."""
-
-    __module__ = "pytest_procsafe"
 
 
 @final
@@ -235,6 +228,13 @@ class LeakChecks(_forked.ForkedChecks):
                 _proctable.set_subreaper(self._subreaper)
                 self._subreaper = None
 
+    def still_running(self) -> str | None:
+        """What the running test started and is still running, with stacks: for a test
+        that failed (a timeout, an assertion) while its children ran."""
+        if self.tracker is None or self._test is None:
+            return None
+        return _running.describe(self.tracker, self._test, self._phase)
+
     def emergency(self) -> None:
         """SIGTERM: stop procsafe's workers and (unless keep) everything that leaked, now."""
         _owned.stop(self.settings.kill_grace, self._since)
@@ -281,7 +281,11 @@ class LeakChecks(_forked.ForkedChecks):
                 leaks.append((item, record))
         if not leaks:
             return None
-        records = [record for _, record in leaks]
+        # What each live one was doing, asked before anything is stopped.
+        stacks = _reaper.dump_stacks([item.proc for item, _ in leaks], tracker.root)
+        records = [
+            dataclasses.replace(record, stack=stacks.get(record.pid)) for _, record in leaks
+        ]
         self._hook.pytest_procsafe_leaks(owner=owner.label, leaks=list(records))
         procs = [item.proc for item, _ in leaks]
         if cleanup == "kill":
@@ -390,18 +394,8 @@ class LeakChecks(_forked.ForkedChecks):
         return self._hook.pytest_procsafe_ignore(process=record) is True
 
     def _warn(self, message: str, where: Where | None, *, escalate: bool) -> None:
-        warning = ProcessLeakWarning(message)
-        # Shown at the test's, the fixture's, the holder's or the creating line; never at
-        # procsafe's own (a session-wide leak that nothing locates reads "session").
-        filename, lineno = where if where is not None else ("session", 0)
-        try:
-            warnings.warn_explicit(warning, ProcessLeakWarning, filename, lineno)
-        except ProcessLeakWarning:
-            # ``-W error::...``: a test errors in its teardown; outside tests (a fixture's
-            # finalization at session end, the session itself) the run fails instead.
-            if escalate:
-                raise
-            self.failed = True
+        if not _warnings.warn(message, where, escalate=escalate):
+            self.failed = True  # escalated by -W error outside a test: the run fails
 
     def _stop_deferred(self) -> None:
         tracker = self.tracker

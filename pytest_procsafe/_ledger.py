@@ -56,6 +56,10 @@ class Ledger(Generic[OwnerT, K]):
         """Owners that still have unchecked items, in the order they first had one."""
         return [owner for owner, items in self._items.items() if items]
 
+    def peek(self, owner: OwnerT) -> list[K]:
+        """*owner*'s items, sorted, left unchecked."""
+        return sorted(self._items.get(owner, ()))
+
     def take(self, owner: OwnerT) -> list[K]:
         """*owner*'s items, sorted, which are checked now (once)."""
         return sorted(self._items.pop(owner, None) or ())

@@ -21,8 +21,10 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Literal
 
+from pytest_procsafe import _dumps
 from pytest_procsafe import _escalate
 from pytest_procsafe import _holders
+from pytest_procsafe import _stacks
 from pytest_procsafe._proctable import LINUX
 from pytest_procsafe._proctable import Proc
 from pytest_procsafe._proctable import descends
@@ -110,6 +112,16 @@ def reap(procs: Iterable[Proc], root: int, handles: Mapping[int, object] | None 
         else:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(proc.pid, os.WNOHANG)
+
+
+def dump_stacks(procs: Iterable[Proc], root: int) -> dict[int, str]:
+    """The Python stacks (all threads) of those of *procs* that can dump one: each is
+    asked by a verified signal (`_dumps`' handler); pid -> the dump."""
+    by_pid = {proc.pid: proc for proc in procs if not proc.zombie}
+    files = {pid: path for pid in by_pid if (path := _dumps.file_for(pid)) is not None}
+    if not files:
+        return {}
+    return _stacks.capture(files, send=lambda pid, signum: send(by_pid[pid], signum, root))
 
 
 def running(procs: Iterable[Proc]) -> list[Proc]:

@@ -27,6 +27,8 @@ from typing import Final
 from typing import Literal
 from typing import final
 
+from pytest_procsafe import _stacks
+
 VERSION: Final = 1
 KINDS: Final = ("leaked", "zombie", "orphan")
 #: The key of an xdist worker's ``config.workeroutput`` that carries its findings.
@@ -159,7 +161,19 @@ def _line(record: Record, action: bool) -> str:
     )
 
 
-def tree_lines(records: Sequence[Record], *, action: bool = True) -> list[str]:
+def running(records: Sequence[Record]) -> str:
+    """The report section of a test that failed while *records* were still running."""
+    noun = "process" if len(records) == 1 else "processes"
+    head = (
+        f"{len(records)} {noun} this test started {'is' if len(records) == 1 else 'are'} "
+        "still running (stopped after its teardown); where each one is:"
+    )
+    return "\n".join([head, *tree_lines(records, action=False, note=True)])
+
+
+def tree_lines(
+    records: Sequence[Record], *, action: bool = True, stacks: str = "trim", note: bool = False
+) -> list[str]:
     """One line per record, children under their parent with ``├─``/``└─`` guides."""
     by_pid = {record["pid"]: record for record in records if record["pid"] is not None}
     kids: dict[int, list[Record]] = {}
@@ -173,6 +187,15 @@ def tree_lines(records: Sequence[Record], *, action: bool = True) -> list[str]:
 
     def draw(record: Record, lead: str, guide: str, depth: int) -> None:
         lines.append(lead + guide + _line(record, action))
+        stack = record.get("stack")
+        pad = lead + ("   " if guide else "") + "    "
+        if isinstance(stack, str) and stack.strip() and stacks != "none":
+            text = _stacks.trim(stack) if stacks == "trim" else stack.rstrip()
+            lines.extend(pad + line for line in text.splitlines())
+        elif note and record.get("kind") in ("leaked", "orphan", "running"):
+            # No dump: not a multiprocessing child (a Popen), not Python, or its code
+            # replaced the handler.
+            lines.append(f"{pad}({_stacks.NO_STACK})")
         below = kids.get(record["pid"], [])
         if depth > len(records):  # a ppid cycle cannot happen, but never loop
             return

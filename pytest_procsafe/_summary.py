@@ -55,7 +55,9 @@ def lines(report: Report, *, mode: str, verbose: bool = False) -> list[str]:
         group = owners[owner]
         out.append(f"{owner}: {_kinds(group)}")
         shown = group if verbose else _first(group, ENTRIES)
-        out.extend("    " + line for line in tree_lines(shown))
+        out.extend(
+            "    " + line for line in tree_lines(shown, stacks="full" if verbose else "trim")
+        )
         if len(shown) < len(group):
             out.append(f"    ... and {len(group) - len(shown)} more of this owner")
     hidden = [owner for owner in owners if owner not in shown_owners]

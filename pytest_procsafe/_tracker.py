@@ -214,6 +214,20 @@ class Tracker:
         """The unchecked processes of *owner*, which are checked now (once)."""
         return [self.seen[pid] for pid in self._ledger.take(owner) if pid in self.seen]
 
+    def live(self, owner: Owner) -> list[Proc]:
+        """*owner*'s processes that still run, without checking them (`take` does that)."""
+        out = []
+        for pid in self._ledger.peek(owner):
+            entry = self.seen.get(pid)
+            current = _proctable.same(entry.proc) if entry is not None else None
+            if current is not None and not current.zombie:
+                out.append(current)
+        return out
+
+    def created_at(self, pid: int) -> str | None:
+        """Where the user's code started *pid*, if it was seen starting."""
+        return self._created.get(pid)
+
     def adopt(self, proc: Proc) -> None:
         """*proc* was reported elsewhere (a forked test process): never a candidate here,
         whether it is seen already or only once it is re-parented here."""
