@@ -1,0 +1,113 @@
+"""Which process is stuck, and where: stacks of every multiprocessing child of the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from e2ekit import FAIL_ON_LEAKS
+from e2ekit import run
+from pytest_procsafe import _methods
+from pytest_procsafe import _stacks
+from survivors import no_survivors
+
+pytestmark = pytest.mark.skipif(_stacks.SIGNAL is None, reason="no signal for stack dumps")
+
+METHODS = _methods.available()
+
+LEAKED = """
+import multiprocessing
+import time
+
+import pytest
+
+
+def nap_in_a_named_function():
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("method", {methods!r})
+def test_leaks_a_sleeping_process(method):
+    context = multiprocessing.get_context(method)
+    process = context.Process(target=nap_in_a_named_function)
+    process.start()
+    time.sleep(1.0)  # it is inside its target by now
+"""
+
+STUCK_POOL = """
+import multiprocessing
+import time
+
+
+def task_that_never_ends():
+    while True:
+        time.sleep(0.05)
+
+
+def test_times_out_in_apply():
+    pool = multiprocessing.get_context("forkserver").Pool(1)
+    pool.apply(task_that_never_ends)
+"""
+
+NOT_PYTHON = """
+import subprocess
+import time
+
+
+def test_fails_while_a_shell_runs():
+    subprocess.Popen(["sleep", "60"])
+    time.sleep(0.2)
+    assert False, "on purpose"
+"""
+
+
+def test_a_leaked_process_shows_where_it_sleeps(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(test_leaked=LEAKED.format(methods=list(METHODS)))
+    report = pytester.path / "leaks.json"
+    with no_survivors(monkeypatch):
+        result = run(pytester, f"--procsafe-report={report}", options=FAIL_ON_LEAKS)
+    result.assert_outcomes(passed=len(METHODS), errors=len(METHODS))
+    leaks = json.loads(report.read_text())["leaks"]
+    assert len(leaks) == len(METHODS), leaks
+    for leak in leaks:
+        assert "in nap_in_a_named_function" in (leak["stack"] or ""), leak
+    # ... and the terminal shows it under the entry.
+    result.stdout.fnmatch_lines(
+        ["*hread 0x* (most recent call first):", "*in nap_in_a_named_function"]
+    )
+
+
+@pytest.mark.skipif("forkserver" not in METHODS, reason="needs forkserver")
+def test_a_timeout_in_pool_apply_shows_the_workers_task(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("pytest_timeout")
+    pytester.makepyfile(test_stuck=STUCK_POOL)
+    with no_survivors(monkeypatch):
+        result = run(pytester, "--timeout=3", "--timeout-method=signal", options=FAIL_ON_LEAKS)
+    result.assert_outcomes(failed=1, errors=1)
+    output = result.stdout.str()
+    # pytest-timeout shows the test process, blocked in apply(); procsafe shows the worker.
+    assert "procsafe: still running" in output, output
+    section = output.split("procsafe: still running", 1)[1]
+    assert "in task_that_never_ends" in section, section
+
+
+def test_a_process_that_is_not_python_has_no_stack_and_no_hang(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(test_shell=NOT_PYTHON)
+    with no_survivors(monkeypatch):
+        result = run(pytester, options=FAIL_ON_LEAKS)
+    result.assert_outcomes(failed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*procsafe: still running*",
+            "1 process this test started is still running (stopped after its teardown)*",
+            "running pid * (appeared in call, created at test_shell.py:*): sleep 60",
+            f"    ({_stacks.NO_STACK})",
+        ]
+    )
