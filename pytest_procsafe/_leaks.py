@@ -45,8 +45,17 @@ Where = tuple[str, int]
 class LeakChecks(_forked.ForkedChecks):
     """One session's leak checks; see the module docstring."""
 
-    def __init__(self, settings: Settings, hook: Any, *, write_report: bool) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        hook: Any,
+        *,
+        write_report: bool,
+        tell: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings
+        #: Writes to the real stderr, for what a way out without a report must say.
+        self.tell = tell
         self.report = _report.Report()
         #: Leaks outside tests in fail mode, or escalated warnings: the run fails.
         self.failed = False
@@ -241,6 +250,7 @@ class LeakChecks(_forked.ForkedChecks):
         tracker = self.tracker
         if tracker is not None and self.settings.cleanup != "keep":
             procs = tracker.leftovers() + [proc for proc, _ in self._deferred]
+            _running.announce(procs, tracker, "pytest was sent SIGTERM", self.tell)
             # No pool.terminate() here: it joins threads, from inside a signal handler.
             _reaper.stop(procs, self.settings.kill_grace, tracker.root, pools=False)
             self._unlink_deferred()

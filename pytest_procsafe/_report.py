@@ -161,13 +161,13 @@ def _line(record: Record, action: bool) -> str:
     )
 
 
-def running(records: Sequence[Record]) -> str:
-    """The report section of a test that failed while *records* were still running."""
+def running(
+    records: Sequence[Record], *, who: str = "this test", when: str = "after its teardown"
+) -> str:
+    """What *who* started and still runs, each with where it is (its stack)."""
     noun = "process" if len(records) == 1 else "processes"
-    head = (
-        f"{len(records)} {noun} this test started {'is' if len(records) == 1 else 'are'} "
-        "still running (stopped after its teardown); where each one is:"
-    )
+    verb = "is" if len(records) == 1 else "are"
+    head = f"{len(records)} {noun} {who} started {verb} still running (stopped {when}):"
     return "\n".join([head, *tree_lines(records, action=False, note=True)])
 
 

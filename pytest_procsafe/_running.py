@@ -9,11 +9,42 @@ neither pytest nor the plugin.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
 from pytest_procsafe import _report
 from pytest_procsafe._ledger import Owner
+from pytest_procsafe._proctable import Proc
 from pytest_procsafe._tracker import Tracker
+
+_Record = dict[str, Any]
+
+
+def announce(
+    procs: Sequence[Proc],
+    tracker: Tracker,
+    why: str,
+    tell: Callable[[str], None] | None = None,
+) -> None:
+    """Before stopping *procs* on a way out that leaves no report (SIGTERM to pytest),
+    say what each one was doing (with *tell*, else to stderr)."""
+    live = [proc for proc in procs if not proc.zombie]
+    if not live:
+        return
+    records = _records(tracker, live, _reaper.dump_stacks(live, tracker.root))
+    text = _report.running(records, who="the run", when="now")
+    head = f"procsafe: {why}."
+    with contextlib.suppress(OSError, ValueError):  # stderr closed: nothing to tell
+        if tell is not None:
+            tell(f"{head}\n{text}")
+        else:
+            sys.stderr.write(f"{head}\n{text}\n")
+            sys.stderr.flush()
 
 
 def describe(tracker: Tracker, owner: Owner, phase: str) -> str | None:
@@ -22,8 +53,11 @@ def describe(tracker: Tracker, owner: Owner, phase: str) -> str | None:
     procs = tracker.live(owner)
     if not procs:
         return None
-    stacks = _reaper.dump_stacks(procs, tracker.root)
-    records = []
+    return _report.running(_records(tracker, procs, _reaper.dump_stacks(procs, tracker.root)))
+
+
+def _records(tracker: Tracker, procs: Sequence[Proc], stacks: dict[int, str]) -> list[_Record]:
+    records: list[_Record] = []
     for proc in procs:
         seen = tracker.seen.get(proc.pid)
         records.append(
@@ -38,4 +72,4 @@ def describe(tracker: Tracker, owner: Owner, phase: str) -> str | None:
                 "stack": stacks.get(proc.pid),
             }
         )
-    return _report.running(records)
+    return records

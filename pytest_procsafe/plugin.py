@@ -6,8 +6,10 @@ of their own.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import sys
+from collections.abc import Callable
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from typing import Any
@@ -313,10 +315,27 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspecs)
 
 
+def _teller(config: pytest.Config) -> Callable[[str], None]:
+    """Write to the real stderr, even while pytest captures the test's output (as
+    pytest-timeout does): for what must be said on a way out that leaves no report."""
+
+    def tell(text: str) -> None:
+        capman = config.pluginmanager.getplugin("capturemanager")
+        suspended = getattr(capman, "global_and_fixture_disabled", None)
+        with suspended() if callable(suspended) else contextlib.nullcontext():
+            sys.stderr.write(text if text.endswith("\n") else text + "\n")
+            sys.stderr.flush()
+
+    return tell
+
+
 def _configure_leaks(config: pytest.Config) -> None:
     settings = _config.session_settings(config)
     checks = _leaks.LeakChecks(
-        settings, config.hook, write_report=not _config.is_xdist_worker(config)
+        settings,
+        config.hook,
+        write_report=not _config.is_xdist_worker(config),
+        tell=_teller(config),
     )
     config.stash[_LEAKS_KEY] = checks
     config.add_cleanup(checks.close)

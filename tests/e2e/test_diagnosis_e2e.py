@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from e2ekit import FAIL_ON_LEAKS
+from e2ekit import RUN_LIMIT
 from e2ekit import run
 from pytest_procsafe import _methods
 from pytest_procsafe import _stacks
@@ -111,3 +116,53 @@ def test_a_process_that_is_not_python_has_no_stack_and_no_hang(
             f"    ({_stacks.NO_STACK})",
         ]
     )
+
+
+SIGNALLED = """
+import multiprocessing
+import os
+import pathlib
+import time
+
+
+def nap_in_a_named_function():
+    time.sleep(60)
+
+
+def test_waits_for_a_signal():
+    process = multiprocessing.get_context("fork").Process(target=nap_in_a_named_function)
+    process.start()
+    time.sleep(0.5)
+    pathlib.Path("started").write_text(str(process.pid))
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_a_signalled_run_says_what_each_process_was_doing(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    pytester.makepyfile(test_signalled=SIGNALLED)
+    started = pytester.path / "started"
+    with no_survivors(monkeypatch):
+        inner = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "procsafe", "-p", "no:cacheprovider"],
+            cwd=pytester.path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + RUN_LIMIT
+            while not started.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            inner.send_signal(getattr(signal, how))
+            output, _ = inner.communicate(timeout=RUN_LIMIT)
+        finally:
+            if inner.poll() is None:
+                inner.kill()
+                inner.wait()
+    text = output.decode(errors="replace")
+    # SIGTERM: the emergency stop tells first; Ctrl-C: the session's end reports the test.
+    if how == "SIGTERM":
+        assert "procsafe: pytest was sent SIGTERM." in text, text
+    assert "in nap_in_a_named_function" in text, text
