@@ -19,6 +19,7 @@ from collections.abc import Collection
 from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
+from typing import Final
 from typing import Literal
 
 from pytest_procsafe import _dumps
@@ -27,6 +28,7 @@ from pytest_procsafe import _holders
 from pytest_procsafe import _stacks
 from pytest_procsafe._proctable import LINUX
 from pytest_procsafe._proctable import Proc
+from pytest_procsafe._proctable import cmdline as _proctable_cmdline
 from pytest_procsafe._proctable import descends
 from pytest_procsafe._proctable import same
 
@@ -121,7 +123,24 @@ def dump_stacks(procs: Iterable[Proc], root: int) -> dict[int, str]:
     files = {pid: path for pid in by_pid if (path := _dumps.file_for(pid)) is not None}
     if not files:
         return {}
-    return _stacks.capture(files, send=lambda pid, signum: send(by_pid[pid], signum, root))
+    dumps = _stacks.capture(files, send=lambda pid, signum: send(by_pid[pid], signum, root))
+    # Python processes without the handler (not multiprocessing's): other ways, bounded.
+    others = [pid for pid in files if pid not in dumps and _looks_like_python(pid)]
+    for pid in others[:_OTHER_WAYS]:
+        if same(by_pid[pid]) is not None:  # still the process seen, still here
+            text = _stacks.other_ways(pid, files[pid])
+            if text is not None:
+                dumps[pid] = text
+    return dumps
+
+
+#: At most this many processes are asked for a stack the slow ways (py-spy, remote_exec).
+_OTHER_WAYS: Final = 5
+
+
+def _looks_like_python(pid: int) -> bool:
+    args = _proctable_cmdline(pid)
+    return bool(args) and os.path.basename(args[0]).startswith(("python", "pypy"))
 
 
 def running(procs: Iterable[Proc]) -> list[Proc]:

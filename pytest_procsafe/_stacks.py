@@ -141,3 +141,55 @@ def trim(dump: str, frames: int = FRAMES) -> str:
         if len(thread) > frames + 1:
             out.append(f"  ... ({len(thread) - frames - 1} more frames)")
     return "\n".join(out)
+
+
+# Run by ``sys.remote_exec`` inside the target: write every thread's stack to {path!r}.
+_REMOTE: Final = """\
+import faulthandler
+with open({path!r}, "w") as _procsafe_file:
+    faulthandler.dump_traceback(_procsafe_file, all_threads=True)
+"""
+
+
+def other_ways(pid: int, path: str | None) -> str | None:
+    """The stack of a Python process without procsafe's handler (a ``Popen`` of
+    ``sys.executable``): through ``sys.remote_exec`` where the interpreter has it
+    (Python 3.14+) and permits it, else through ``py-spy dump`` where it is installed;
+    None when neither can say."""
+    remote = getattr(sys, "remote_exec", None)
+    if callable(remote) and path is not None:
+        script = f"{path}.remote.py"
+        try:
+            with open(script, "w") as file:
+                file.write(_REMOTE.format(path=path))
+            remote(pid, script)  # runs at the target's next safe point
+        except (OSError, RuntimeError, ValueError, PermissionError):
+            pass
+        else:
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline:
+                text = _read(path)
+                if text.strip():
+                    return text
+                time.sleep(0.02)
+    return _py_spy(pid)
+
+
+def _py_spy(pid: int) -> str | None:
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return None
+    try:
+        done = subprocess.run(
+            [spy, "dump", "--pid", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 and done.stdout.strip() else None

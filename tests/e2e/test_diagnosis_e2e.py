@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,3 +168,43 @@ def test_a_signalled_run_says_what_each_process_was_doing(
     if how == "SIGTERM":
         assert "procsafe: pytest was sent SIGTERM." in text, text
     assert "in nap_in_a_named_function" in text, text
+
+
+PYTHON_POPEN = """
+import subprocess
+import sys
+import time
+
+CODE = (
+    "def churn_in_a_popen():\\n"
+    "    while True:\\n"
+    "        sum(range(1000))\\n"
+    "churn_in_a_popen()\\n"
+)
+
+
+def test_leaks_a_python_popen():
+    subprocess.Popen([sys.executable, "-c", CODE])
+    time.sleep(0.5)
+"""
+
+
+@pytest.mark.parametrize("way", ["py-spy", "remote_exec"])
+def test_a_python_popen_has_a_stack_where_another_way_exists(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    # Not a multiprocessing child, so no procsafe handler: py-spy, or Python 3.14's
+    # sys.remote_exec, can still say where it is.
+    if way == "py-spy" and shutil.which("py-spy") is None:
+        pytest.skip("py-spy is not installed")
+    if way == "remote_exec":
+        if not hasattr(sys, "remote_exec"):
+            pytest.skip("sys.remote_exec is Python 3.14+")
+        monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))  # no py-spy
+    pytester.makepyfile(test_popen=PYTHON_POPEN)
+    report = pytester.path / "leaks.json"
+    with no_survivors(monkeypatch):
+        result = run(pytester, f"--procsafe-report={report}", options=FAIL_ON_LEAKS)
+    result.assert_outcomes(passed=1, errors=1)
+    (leak,) = json.loads(report.read_text())["leaks"]
+    assert "churn_in_a_popen" in (leak["stack"] or ""), leak
