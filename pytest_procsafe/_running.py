@@ -15,6 +15,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
+from pytest_procsafe import _holders
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
 from pytest_procsafe import _report
@@ -57,6 +58,7 @@ def describe(tracker: Tracker, owner: Owner, phase: str) -> str | None:
 
 
 def _records(tracker: Tracker, procs: Sequence[Proc], stacks: dict[int, str]) -> list[_Record]:
+    objects = _holders.objects()  # what each is on the Python side (a failure only)
     records: list[_Record] = []
     for proc in procs:
         seen = tracker.seen.get(proc.pid)
@@ -66,6 +68,7 @@ def _records(tracker: Tracker, procs: Sequence[Proc], stacks: dict[int, str]) ->
                 "pid": proc.pid,
                 "ppid": proc.ppid,
                 "cmdline": list(_proctable.cmdline(proc.pid)),
+                "name": objects.name(proc.pid),
                 "phase": seen.phase if seen is not None else "?",
                 "action": "",
                 "created_at": tracker.created_at(proc.pid),

@@ -59,6 +59,8 @@ def capture(
     if SIGNAL is None:
         return {}
     asked = [pid for pid in files if catches(pid, SIGNAL)]
+    # A handler appends each dump to the same file: read what this request adds.
+    start = {pid: max(_size(files[pid]), 0) for pid in asked}
     for pid in asked:
         send(pid, SIGNAL)
     sizes = dict.fromkeys(asked, -1)
@@ -75,7 +77,7 @@ def capture(
                 sizes[pid] = size
     dumps: dict[int, str] = {}
     for pid in asked:
-        text = _read(files[pid])
+        text = _read(files[pid], start[pid])
         if text.strip():
             dumps[pid] = text
     return dumps
@@ -102,12 +104,13 @@ def _size(path: str | None) -> int:
         return 0
 
 
-def _read(path: str | None) -> str:
+def _read(path: str | None, offset: int = 0) -> str:
     if path is None:
         return ""
     try:
-        with open(path, errors="replace") as file:
-            return file.read()
+        with open(path, "rb") as file:
+            file.seek(offset)
+            return file.read().decode(errors="replace")
     except OSError:
         return ""
 

@@ -215,12 +215,16 @@ class Tracker:
         return [self.seen[pid] for pid in self._ledger.take(owner) if pid in self.seen]
 
     def live(self, owner: Owner) -> list[Proc]:
-        """*owner*'s processes that still run, without checking them (`take` does that)."""
+        """*owner*'s processes that still run, without checking them (`take` does that);
+        multiprocessing's machinery (forkservers, trackers) left out."""
+        machinery = _machinery.pids()
         out = []
         for pid in self._ledger.peek(owner):
             entry = self.seen.get(pid)
             current = _proctable.same(entry.proc) if entry is not None else None
-            if current is not None and not current.zombie:
+            if current is None or current.zombie:
+                continue
+            if not _machinery.is_machinery(current, machinery, self.root):
                 out.append(current)
         return out
 
