@@ -192,6 +192,22 @@ def is_popen(obj: object) -> bool:
     return kind_of(type(obj)) == "popen"
 
 
+def _uses_only(cls: type) -> bool:
+    """Objects that refer to a process without holding it on purpose: a manager's proxies
+    (``manager.dict()`` passed on somewhere keeps its manager alive, but the test that
+    made the manager still leaked it)."""
+    try:
+        return _PROXIES[cls]
+    except KeyError:
+        verdict = _PROXIES[cls] = "BaseProxy" in _mro_names(cls)
+        return verdict
+    except TypeError:
+        return False
+
+
+_PROXIES: dict[type, bool] = {}
+
+
 # type -> whether it is the runner's or procsafe's own (its objects are not followed).
 _RUNNER_TYPES: dict[type, bool] = {}
 
@@ -269,6 +285,8 @@ def holders(
                 continue
             if _runner_type(cls):
                 continue  # the runner's and procsafe's own objects hold nothing
+            if _uses_only(cls):
+                continue  # a manager's proxy uses its manager; it does not keep it
             routes = {
                 key: child
                 for child in _referents(ref)

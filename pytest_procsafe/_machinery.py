@@ -19,33 +19,35 @@ from typing import Final
 from pytest_procsafe import _proctable
 from pytest_procsafe._proctable import Proc
 
-# The helper processes of multiprocessing and its relatives (multiprocess, billiard, loky):
+# The helper processes of multiprocessing and its relatives (multiprocess, billiard, loky,
+# and copies vendored inside other packages, such as joblib's joblib.externals.loky):
 # forkservers, resource and semaphore trackers. Never leaks, however they were started.
 _MACHINERY: Final = re.compile(
-    r"from (?:multiprocessing|multiprocess|billiard|loky\.backend)\."
+    r"from (?:[\w.]+\.)?(?:multiprocessing|multiprocess|billiard|loky\.backend)\."
     r"(?:forkserver|resource_tracker|semaphore_tracker) import main"
 )
-# Where each of them keeps the pid of the helper it started: (module, holder, attribute).
-_HELPERS: Final = tuple(
-    (f"{package}.{module}", holder, attribute)
-    for package in ("multiprocessing", "multiprocess", "billiard", "loky.backend")
-    for module, holder, attribute in (
-        ("forkserver", "_forkserver", "_forkserver_pid"),
-        ("resource_tracker", "_resource_tracker", "_pid"),
-        ("semaphore_tracker", "_semaphore_tracker", "_pid"),
-    )
-)
+# Where each kind of helper's module keeps the pid of the one it started.
+_HOLDERS: Final = {
+    "forkserver": ("_forkserver", "_forkserver_pid"),
+    "resource_tracker": ("_resource_tracker", "_pid"),
+    "semaphore_tracker": ("_semaphore_tracker", "_pid"),
+}
+_FAMILY: Final = ("multiprocessing", "multiprocess", "billiard", "loky")
 
 
 def pids() -> set[int]:
     """The forkservers and trackers this process started, if any (modules not imported
-    started none)."""
-    pids: set[int] = set()
-    for module, holder, attribute in _HELPERS:
-        pid = getattr(getattr(sys.modules.get(module), holder, None), attribute, None)
+    started none), of every copy of multiprocessing's family that is imported."""
+    found: set[int] = set()
+    for name, module in list(sys.modules.items()):
+        package, _, leaf = name.rpartition(".")
+        where = _HOLDERS.get(leaf)
+        if where is None or not any(part in _FAMILY for part in package.split(".")):
+            continue
+        pid = getattr(getattr(module, where[0], None), where[1], None)
         if isinstance(pid, int):
-            pids.add(pid)
-    return pids
+            found.add(pid)
+    return found
 
 
 def is_machinery(proc: Proc, pids: set[int], root: int) -> bool:

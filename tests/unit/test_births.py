@@ -91,8 +91,9 @@ def test_a_direct_child_no_object_knows_is_leaked_not_an_orphan() -> None:
         "from multiprocess.resource_tracker import main;main(3)",
         "from loky.backend.resource_tracker import main; main(5, 0)",
         "from billiard.semaphore_tracker import main;main(3)",
+        "from joblib.externals.loky.backend.resource_tracker import main; main(16, False)",
     ],
-    ids=["multiprocessing", "multiprocess", "loky", "billiard"],
+    ids=["multiprocessing", "multiprocess", "loky", "billiard", "vendored-loky"],
 )
 def test_the_trackers_of_multiprocessings_relatives_are_machinery(command: str) -> None:
     # Whoever started it, even re-parented to us: a tracker is never a leak.

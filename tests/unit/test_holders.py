@@ -143,3 +143,17 @@ def test_what_the_runner_and_a_failure_keep_holds_nothing(
 def test_a_cache_saves_a_second_search() -> None:
     cache: dict[Any, str | None] = {("p", 1.0): "mod.attr"}
     assert _holders.held_by({"p": object()}, cache, key=lambda k: (k, 1.0)) == {"p": "mod.attr"}
+
+
+def test_a_managers_proxy_uses_it_without_holding_it(module: types.ModuleType) -> None:
+    # joblib's tests pass manager.dict() to loky, which keeps the arguments of its last
+    # executor in a module global: the test that started the manager still leaked it.
+    manager = multiprocessing.get_context("fork").Manager()
+    try:
+        setattr(module, "LAST_KWARGS", {"initargs": (manager.dict(),)})  # noqa: B010
+        process = manager._process  # type: ignore[attr-defined]
+        assert _holders.holders({"m": process}) == {}
+        setattr(module, "MANAGER", manager)  # noqa: B010  # holding the manager itself does
+        assert _holders.holders({"m": process}) == {"m": "procsafe_holders_probe.MANAGER"}
+    finally:
+        manager.shutdown()
