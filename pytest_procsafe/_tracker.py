@@ -346,13 +346,19 @@ class Tracker:
             ignore=(processes, look.objects()),
         )
         by_pid = {item.proc.pid: name for item, name in held.items()}
-        parents = {item.proc.pid: item.proc.ppid for item in found}
+        # A held process's descendants go with it: also those of one held earlier (a
+        # reusable executor's worker running a nested executor of its own).
+        for pid, entry in self.seen.items():
+            if entry.held_by is not None:
+                by_pid.setdefault(pid, entry.held_by)
+        parents = {pid: entry.ppid for pid, entry in self.seen.items()}
+        parents.update((item.proc.pid, item.proc.ppid) for item in found)
         keep: list[Found] = []
         for item in found:
             name, pid = None, item.proc.pid
-            for _ in range(len(parents) + 1):  # a held process's children go with it
+            for _ in range(len(parents) + 1):
                 name = by_pid.get(pid)
-                if name is not None or pid not in parents:
+                if name is not None or pid not in parents or pid == self.root:
                     break
                 pid = parents[pid]
             if name is None:

@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import threading
+import types
 import warnings
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -355,3 +356,26 @@ def test_sigterm_runs_the_cleanup_and_chains_the_previous_handler() -> None:
         assert signal.getsignal(signal.SIGTERM) is previous
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_a_held_processs_later_children_are_held_too(
+    kids: Kids, tracker: Tracker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reusable executor's worker that runs a nested executor of its own: its children
+    # appear in a later test, and they are the holder's, not that test's.
+    flag = tmp_path / "go"
+    shell = kids.popen("sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.02; done; sleep 60 & wait")
+    holder = types.ModuleType("procsafe_nested_holder")
+    holder.EXECUTOR = shell  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, holder.__name__, holder)
+    session = Owner("session", "session")
+    first, second = Owner("t1", "test"), Owner("t2", "test")
+    tracker.observe(first, "call")
+    assert tracker.classify(tracker.take(first), later=session) == []  # held
+    flag.touch()
+    wait_until(lambda: bool(_proctable.children(shell.pid)), "the nested child")
+    tracker.observe(second, "call")
+    assert tracker.classify(tracker.take(second), later=session) == []
+    assert {entry.held_by for entry in tracker.take(session)} == {
+        "procsafe_nested_holder.EXECUTOR"
+    }
