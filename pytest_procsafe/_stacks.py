@@ -125,13 +125,16 @@ def trim(dump: str, frames: int = FRAMES) -> str:
     """The innermost *frames* frames of each thread, threads running the user's code
     first (the standard library's own threads, such as a pool's handlers, after)."""
     threads: list[list[str]] = []
+    below = False  # past multiprocessing's bootstrap: the parent's stack, copied by fork
     for line in dump.splitlines():
         if not line.strip():
             continue
         if not line.startswith(" "):
             threads.append([line])
-        elif threads:
+            below = False
+        elif threads and not below:
             threads[-1].append(line)
+            below = "multiprocessing/process.py" in line and line.rstrip().endswith("_bootstrap")
 
     def users(thread: list[str]) -> bool:
         return any("/lib/python" not in line and "File" in line for line in thread[1:])
