@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import textwrap
 import types
 from typing import Final
@@ -32,6 +33,15 @@ def _qualified(kind: type) -> str:
 
 
 _THREAD_LOCKS: Final = {"_thread.lock": "a threading.Lock", "_thread.RLock": "a threading.RLock"}
+
+
+def _public_pytest(kind: type) -> str:
+    """``pytest.FixtureRequest`` for ``_pytest.fixtures.TopRequest``: the name users know."""
+    public = sys.modules.get("pytest")
+    for base in kind.__mro__:
+        if getattr(public, base.__name__, None) is base:
+            return f"pytest.{base.__name__}"
+    return _qualified(kind)
 
 
 def describe(obj: object) -> str:
@@ -59,6 +69,8 @@ def describe(obj: object) -> str:
     name = _qualified(type(obj))
     if name in _THREAD_LOCKS:
         return _THREAD_LOCKS[name]
+    if is_pytest(obj):
+        return f"a {_public_pytest(type(obj))} (pytest's own)"
     if isinstance(obj, io.IOBase) and type(obj).__module__ in ("_io", "io"):
         file = getattr(obj, "name", None)
         state = "a closed" if obj.closed else "an open"
@@ -80,6 +92,8 @@ def _kind(culprit: Culprit) -> tuple[str, str]:
         return "thread-lock", name
     if isinstance(culprit.exc, RuntimeError) and "inheritance" in str(culprit.exc):
         return "inherited", type(obj).__name__
+    if isinstance(culprit.exc, RuntimeError) and "fork context" in str(culprit.exc):
+        return "other-context", type(obj).__name__
     if isinstance(obj, io.IOBase):
         return "file", repr(getattr(obj, "name", "?"))
     if is_pytest(obj):
@@ -161,6 +175,11 @@ def _advice(culprit: Culprit, context: str) -> str:
             "as a Process argument, or to a pool through initializer/initargs; to hand "
             "one over later, use a manager's (mp_manager.Lock(), mp_manager.Queue()), "
             "whose proxies pickle."
+        )
+    if kind == "other-context":
+        return (
+            f"make it from the context the process starts with (mp_context.{name}(), "
+            f"ctx.{name}() of get_context(...)), not from another one."
         )
     if kind == "file":
         return f"pass the file's path ({name}) and open it in the child."

@@ -178,30 +178,28 @@ class Walk:
         above: set[int],
         within: tuple[str, str] | None,
     ) -> Culprit:
-        complete = True
-        if len(above) > MAX_DEPTH:
-            complete = False
-        else:
-            for step, part, part_hint in self._parts(obj):
-                if id(part) in above:
-                    continue  # a cycle back up: the failure is not below here
-                if self._tries >= MAX_TRIES:
-                    complete = False
-                    break
-                failed = self._try(part)
-                if failed is not None:
-                    inner = (path, hint) if hint is not None else within
-                    below = above | {id(part)}
-                    return self._descend(path + step, part, failed, part_hint, below, inner)
+        parts, complete = self._parts(obj) if len(above) <= MAX_DEPTH else ([], False)
+        for step, part, part_hint in parts:
+            if id(part) in above:
+                continue  # a cycle back up: the failure is not below here
+            if self._tries >= MAX_TRIES:
+                complete = False
+                break
+            failed = self._try(part)
+            if failed is not None:
+                inner = (path, hint) if hint is not None else within
+                below = above | {id(part)}
+                return self._descend(path + step, part, failed, part_hint, below, inner)
         text = f"{type(error).__name__}: {error}".splitlines()[0]
         return Culprit(path, obj, text, hint, complete, error, None if hint else within)
 
-    def _parts(self, obj: object) -> Iterator[tuple[str, object, str | None]]:
+    def _parts(self, obj: object) -> tuple[list[tuple[str, object, str | None]], bool]:
+        """Up to `MAX_PARTS` parts of *obj*, and whether that is all of them."""
         try:
-            parts = list(itertools.islice(self._all_parts(obj), MAX_PARTS))
+            parts = list(itertools.islice(self._all_parts(obj), MAX_PARTS + 1))
         except Exception:  # its reduction itself fails: it is the culprit
-            return iter(())
-        return iter(parts)
+            return [], True
+        return parts[:MAX_PARTS], len(parts) <= MAX_PARTS
 
     def _all_parts(self, obj: object) -> Iterator[tuple[str, object, str | None]]:
         if isinstance(obj, (type, types.ModuleType, types.CodeType)) or is_pytest(obj):
