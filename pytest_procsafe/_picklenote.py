@@ -19,7 +19,7 @@ from pytest_procsafe._picklewalk import is_pytest
 
 #: Every note starts so; an exception whose notes have one is explained already.
 PREFIX: Final = "procsafe: "
-_WIDTH: Final = 88
+_WIDTH: Final = 80  # pytest shows each line of a note after 'E       '
 
 
 # --- naming what was found --------------------------------------------------------------
@@ -158,6 +158,12 @@ def _advice(culprit: Culprit, context: str) -> str:
             return f"{where}; a pool cannot carry closures or lambdas (mp_process can)."
         return f"{where}."
     if kind == "thread-lock":
+        if context == "worker":
+            return (
+                "a threading lock only works within one process: use a multiprocessing lock "
+                "of the same context (mp_channels.lock()); mp_process carries it to the "
+                "worker as an argument or in a closure."
+            )
         if context == "task":
             return (
                 "a threading lock only works within one process: give the pool's workers a "
