@@ -15,6 +15,7 @@ import io
 import os
 import pickle
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -236,6 +237,9 @@ def test_while_launching_multiprocessing_locks_and_queues_pickle(mp_context: Bas
         queue.join_thread()
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Python 3.10 lets a fork-context lock into a spawn child"
+)
 def test_a_lock_of_the_fork_context_is_the_culprit_of_a_spawn_start() -> None:
     lock = mp_context_module._default_context.get_context("fork").Lock()
     found = walk([Root("args[0]", lock)], spawning=True)
@@ -472,3 +476,24 @@ def test_nothing_is_walked_when_nothing_failed(
     assert process.exitcode == 0
     assert mp_process(_module_level_square, 7).result() == 49
     assert walked == []
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 11), reason="Python 3.11+ always shows notes")
+def test_on_310_a_note_the_traceback_would_not_show_is_handed_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import traceback
+
+    def local_function() -> None:
+        pass
+
+    spawn = mp_context_module._default_context.get_context("spawn")
+    with pytest.raises(Exception, match="local_function") as info:
+        spawn.Process(target=local_function).start()
+    # As when another excepthook kept the exceptiongroup backport from patching traceback.
+    monkeypatch.setattr(
+        traceback, "format_exception_only", lambda kind, value: [f"{kind.__name__}: {value}\n"]
+    )
+    shown = _pickling.explain(info.value)
+    assert shown is not None
+    assert flat(shown).startswith("procsafe: target cannot be pickled: the local function")
