@@ -33,7 +33,7 @@ from pytest_procsafe import _picklenote
 from pytest_procsafe import _picklewalk
 from pytest_procsafe._picklewalk import Root
 
-#: Set by the owner of a failure that explains it itself (procsafe's worker payloads).
+#: Defined by exceptions whose owner explains them itself (procsafe's worker payloads).
 NOTE_ATTRIBUTE: Final = "procsafe_note"
 
 # What Python's picklers say when they fail, across 3.10-3.14, and what a multiprocessing
@@ -63,8 +63,9 @@ def looks_like(exc: BaseException) -> bool:
 
 
 def explained(exc: BaseException) -> bool:
-    """Whether *exc*, or an exception in its chain, already carries procsafe's note."""
-    return any(_note_of(each) is not None for each in _chain(exc))
+    """Whether *exc*, or an exception in its chain, carries procsafe's note already or is
+    one whose owner explains it (a payload's, even when no part could be named)."""
+    return any(hasattr(each, NOTE_ATTRIBUTE) or _note_of(each) is not None for each in _chain(exc))
 
 
 def attach(exc: BaseException, note: str) -> None:

@@ -497,3 +497,21 @@ def test_on_310_a_note_the_traceback_would_not_show_is_handed_back(
     shown = _pickling.explain(info.value)
     assert shown is not None
     assert flat(shown).startswith("procsafe: target cannot be pickled: the local function")
+
+
+@SPAWNING
+def test_a_payload_no_part_of_which_is_named_gets_no_second_guess(
+    mp_context: BaseContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Were the start wrapper to walk the process object itself, it would blame the
+    # payload (args[0]), which is procsafe's own, not the user's.
+    monkeypatch.setattr(_pickling, "worker_note", lambda *args: None)
+    lock = threading.Lock()
+    payload = Payload(lock.locked)
+    process = mp_context.Process(target=_noop_worker, args=(payload,))  # type: ignore[attr-defined]
+    with pytest.raises(PayloadError) as info:
+        process.start()
+    assert info.value.procsafe_note is None
+    assert not getattr(info.value, "__notes__", None)
+    assert _pickling.explain(info.value) is None
+    assert not getattr(info.value, "__notes__", None)
