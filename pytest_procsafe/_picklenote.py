@@ -87,6 +87,8 @@ def _kind(culprit: Culprit) -> tuple[str, str]:
         qualname = obj.__qualname__
         if "<locals>" in qualname or obj.__name__ == "<lambda>":
             return "local", qualname
+    if isinstance(obj, (types.FunctionType, type)):
+        return "by-name", f"{obj.__module__}.{obj.__qualname__}"
     name = _qualified(type(obj))
     if name in _THREAD_LOCKS:
         return "thread-lock", name
@@ -157,6 +159,12 @@ def _advice(culprit: Culprit, context: str) -> str:
         if context == "task":
             return f"{where}; a pool cannot carry closures or lambdas (mp_process can)."
         return f"{where}."
+    if kind == "by-name":
+        return (
+            f"a function or class is pickled by its name: make {name} name this very "
+            "object (a decorator without functools.wraps, or a name bound again later, "
+            "breaks that)."
+        )
     if kind == "thread-lock":
         if context == "worker":
             return (

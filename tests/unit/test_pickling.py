@@ -515,3 +515,35 @@ def test_a_payload_no_part_of_which_is_named_gets_no_second_guess(
     assert not getattr(info.value, "__notes__", None)
     assert _pickling.explain(info.value) is None
     assert not getattr(info.value, "__notes__", None)
+
+
+def _rebound() -> None:
+    pass
+
+
+_original_rebound = _rebound
+
+
+def _rebound() -> None:  # type: ignore[no-redef]  # the name now means another function
+    pass
+
+
+@SPAWNING
+def test_a_local_process_class_and_a_rebound_function_are_named(mp_context: BaseContext) -> None:
+    class LocalProcess(mp_context.Process):  # type: ignore[misc,name-defined]
+        pass
+
+    with pytest.raises(Exception, match="LocalProcess") as info:
+        LocalProcess(target=nothing).start()
+    (note,) = (flat(n) for n in getattr(info.value, "__notes__", []))
+    assert note.startswith(
+        "procsafe: type(process) cannot be pickled: the local class "
+        "test_a_local_process_class_and_a_rebound_function_are_named.<locals>.LocalProcess "
+        "(the class of the process object)"
+    )
+    process = mp_context.Process(target=_original_rebound)  # type: ignore[attr-defined]
+    with pytest.raises(pickle.PicklingError) as caught:
+        process.start()
+    (note,) = (flat(n) for n in getattr(caught.value, "__notes__", []))
+    assert note.startswith(f"procsafe: target cannot be pickled: the function {__name__}._rebound")
+    assert f"make {__name__}._rebound name this very object" in note
