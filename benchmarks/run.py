@@ -37,6 +37,7 @@ from measure import SRC
 from measure import SUITES
 from measure import Pair
 from measure import Result
+from measure import abba
 from measure import at_most
 from measure import compare
 from measure import log
@@ -62,6 +63,7 @@ class Sizes:
     hung_timeout: float
     hung_grace: float
     hung_targets: str  # which hanging targets (comma-separated) the hung case runs
+    starts: int  # process starts of each variant, per start method, in the pickling case
 
 
 FULL = Sizes(
@@ -75,6 +77,7 @@ FULL = Sizes(
     hung_timeout=1.0,
     hung_grace=0.5,
     hung_targets="hang,hang_ignoring_sigterm",
+    starts=60,
 )
 QUICK = Sizes(
     trivial=300,
@@ -87,6 +90,7 @@ QUICK = Sizes(
     hung_timeout=0.4,
     hung_grace=0.2,
     hung_targets="hang_ignoring_sigterm",
+    starts=3,
 )
 
 
@@ -381,6 +385,115 @@ def bench_hung(sizes: Sizes, work: Path) -> list[Result]:
     ]
 
 
+def _start_and_join(method: str) -> float:
+    """Seconds for ``Process.start()`` + ``join()`` of a module-level target."""
+    import multiprocessing
+
+    context = multiprocessing.get_context(method)
+    process = context.Process(target=time.sleep, args=(0,))  # type: ignore[attr-defined]
+    began = time.perf_counter()
+    process.start()
+    process.join(60)
+    took = time.perf_counter() - began
+    if process.exitcode != 0:
+        raise RuntimeError(f"{method}: the child exited with {process.exitcode}")
+    return took
+
+
+class _NoLaunch:
+    """A launch that starts no child: what is left of ``start()`` is Python bookkeeping and
+    procsafe's wrapper around it."""
+
+    pid = 1
+    sentinel = -1
+    returncode = 0
+
+    def __init__(self, process: object) -> None:
+        pass
+
+    def poll(self, flag: int = 0) -> int:
+        return 0  # so multiprocessing forgets it at the next start
+
+
+def _wrapper_cost(blocks: int, per_block: int = 1000) -> tuple[float, float]:
+    """Median microseconds of one ``start()`` that launches nothing, bare and wrapped."""
+    from multiprocessing import process
+
+    from pytest_procsafe import _births
+
+    class Unlaunched(process.BaseProcess):
+        _Popen = staticmethod(_NoLaunch)
+
+    samples: dict[str, list[float]] = {"base": [], "variant": []}
+    for order in abba(blocks):
+        for key in order:
+            undo = _births.listen(lambda pid, where, direct: None) if key == "variant" else None
+            try:
+                unstarted = [Unlaunched(target=time.sleep, args=(0,)) for _ in range(per_block)]
+                began = time.perf_counter()
+                for one in unstarted:
+                    one.start()
+                samples[key].append((time.perf_counter() - began) / per_block * 1e6)
+            finally:
+                if undo is not None:
+                    undo()
+    return statistics.median(samples["base"]), statistics.median(samples["variant"])
+
+
+def bench_pickling(sizes: Sizes, work: Path) -> list[Result]:
+    """What a start that pickles fine pays for the notes on starts that fail to: a
+    ``Process.start()`` + ``join()`` of a module-level target with procsafe's start wrapper
+    (`_births`, which also explains a failure to pickle) against the bare start, alternating,
+    per start method. A start that pickles must not even import `_pickling`."""
+    import multiprocessing
+
+    from pytest_procsafe import _births
+
+    results = []
+    for method in multiprocessing.get_all_start_methods():
+        for _ in range(3):  # warm up: the forkserver, the resource tracker, the caches
+            _start_and_join(method)
+        samples: dict[str, list[float]] = {"base": [], "variant": []}
+        for order in abba(sizes.starts):
+            for key in order:
+                undo = None
+                if key == "variant":
+                    undo = _births.listen(lambda pid, where, direct: None)
+                try:
+                    samples[key].append(_start_and_join(method))
+                finally:
+                    if undo is not None:
+                        undo()
+        shown = {key: [round(v * 1000, 2) for v in values] for key, values in samples.items()}
+        log(f"start + join, {method} (ms)", shown)
+        base, variant = statistics.median(samples["base"]), statistics.median(samples["variant"])
+        results.append(
+            at_most(
+                f"picklable start + join, {method}",
+                base,
+                variant,
+                1.05,
+                f"{variant * 1000:.2f} ms vs {base * 1000:.2f} ms bare "
+                f"({(variant - base) * 1e6:+.0f} us), medians of {sizes.starts}",
+            )
+        )
+    bare, wrapped = _wrapper_cost(max(4, sizes.starts // 2))
+    results.append(
+        Result(
+            "start wrapper, per start",
+            round(wrapped - bare, 2),
+            "us",
+            "<= 20 us",
+            wrapped - bare <= 20,
+            f"{wrapped:.2f} us vs {bare:.2f} us bare: start() with a launch that starts "
+            "no child, medians of 1000-start blocks",
+        )
+    )
+    if "pytest_procsafe._pickling" in sys.modules:
+        raise RuntimeError("a start that pickled fine imported _pickling")
+    return results
+
+
 CASES: dict[str, Callable[[Sizes, Path], list[Result]]] = {
     "trivial": bench_trivial,
     "xdist": bench_xdist,
@@ -389,6 +502,7 @@ CASES: dict[str, Callable[[Sizes, Path], list[Result]]] = {
     "scan": bench_scan,
     "holders": bench_holders,
     "hung": bench_hung,
+    "pickling": bench_pickling,
 }
 
 

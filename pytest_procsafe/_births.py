@@ -15,7 +15,9 @@ leak checks' trackers) are told the child's pid:
 * plain ``os.fork`` is seen by the trackers' at-fork hooks, which ask `where` too.
 
 The wrappers call the wrapped function unchanged and only look around it; they are in
-place while a listener is. Imports neither pytest nor the plugin.
+place while a listener is. A multiprocessing start that fails to pickle its process object
+(spawn, forkserver) also gets `_pickling`'s note on its exception, which costs nothing
+unless a start fails. Imports neither pytest nor the plugin.
 """
 
 from __future__ import annotations
@@ -113,7 +115,15 @@ def _install() -> None:
     def start(original: Any) -> Any:
         def start(self: Any) -> None:
             at = where()
-            original(self)
+            try:
+                original(self)
+            except Exception as exc:
+                # Under spawn/forkserver a start pickles the process object: say which part
+                # cannot be pickled, why and what to do (nothing runs unless it failed).
+                from pytest_procsafe import _pickling
+
+                _pickling.explain_start(self, exc)
+                raise
             _tell(getattr(self, "pid", None), at, False)  # fork/spawn ones are direct too
 
         return start

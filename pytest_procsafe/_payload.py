@@ -43,6 +43,9 @@ from typing import final
 class PayloadError(pickle.PicklingError):
     """The target or its arguments cannot be sent to a spawn/forkserver child."""
 
+    #: procsafe's note saying which part cannot be pickled, why and what to do (`_pickling`).
+    procsafe_note: str | None = None
+
 
 def _reduce_code(code: types.CodeType) -> tuple[Callable[[bytes], object], tuple[bytes]]:
     # cloudpickle renames the file of every code object it pickles by value to
@@ -207,11 +210,21 @@ class Payload:
         try:
             blob = dumps(self._call, spawning=True)
         except Exception as exc:
-            raise PayloadError(
+            error = PayloadError(
                 f"cannot send target {self._name!r} or its arguments to a spawn/forkserver "
                 f"worker: {type(exc).__name__}: {exc}"
-            ) from exc
+            )
+            error.procsafe_note = self._explain(exc)
+            raise error from exc
         return (_packed, (self._name, blob))
+
+    def _explain(self, exc: BaseException) -> str | None:
+        """Which part of the target or its arguments cannot be pickled, why, what to do."""
+        from pytest_procsafe import _pickling  # only once a payload failed to pickle
+
+        assert self._call is not None
+        method = getattr(mp_context.get_spawning_popen(), "method", None) or "spawn"
+        return _pickling.worker_note(self._call, exc, str(method), _picklers()[1])
 
 
 def _packed(name: str, blob: bytes) -> Payload:

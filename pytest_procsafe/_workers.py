@@ -176,9 +176,14 @@ class WorkerGroup:
             # reported as somebody's orphan.
             _abandon(process)
             if isinstance(exc, PayloadError):
-                raise WorkerError(
+                error = WorkerError(
                     f"cannot start worker {name!r} ({self.start_method}) of {self.owner}: {exc}"
-                ) from exc
+                )
+                if exc.procsafe_note is not None:
+                    from pytest_procsafe import _pickling
+
+                    _pickling.attach(error, exc.procsafe_note)
+                raise error from exc
             raise
         finally:
             writer.close()  # the child has its copy; ours would hide the child's EOF

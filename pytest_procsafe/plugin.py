@@ -303,6 +303,24 @@ def mp_manager(mp_channels: Channels) -> SyncManager:
     return mp_channels.manager(name="mp_manager")
 
 
+# --- pickling failures ------------------------------------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+    # A failure to pickle a start, a Pool or ProcessPoolExecutor task or a message gets a
+    # note saying which part, why and what to do (the start wrapper of `_births` notes a
+    # start as it fails; this notes what failed in a pool's thread, seen only by get() or
+    # result()). A passing phase pays one attribute check.
+    if call.excinfo is None:
+        return
+    from pytest_procsafe import _pickling
+
+    unshown = _pickling.explain(call.excinfo.value)
+    if unshown is not None:  # Python 3.10 without the notes backport's formatting
+        item.add_report_section(call.when, "procsafe", unshown)
+
+
 # --- leak checks ------------------------------------------------------------------------
 
 

@@ -43,12 +43,14 @@ def test_the_quick_run_measures_every_case(tmp_path: Path) -> None:
         r"\d+ tests under -n 2",
         r"leak scan, 50 live children",
         r"hung worker, .*",
+        r"start wrapper, per start",
     ]
     for method in multiprocessing.get_all_start_methods():
         expected += [
             f"worker round trip, {method}",
             rf"\d+ items through mp_queue, {method}",
             rf"\d+ items through mp_pipe, {method}",
+            rf"picklable start \+ join, {method}",
         ]
     for pattern in expected:
         found = [case for case in cases if re.fullmatch(pattern, case)]
