@@ -373,7 +373,14 @@ def test_a_held_processs_later_children_are_held_too(
     tracker.observe(first, "call")
     assert tracker.classify(tracker.take(first), later=session) == []  # held
     flag.touch()
-    wait_until(lambda: bool(_proctable.children(shell.pid)), "the nested child")
+    def nested() -> list[int]:  # the loop's own short sleeps come and go meanwhile
+        return [
+            pid
+            for pid in _proctable.children(shell.pid)
+            if _proctable.cmdline(pid) == ("sleep", "60")
+        ]
+
+    wait_until(lambda: bool(nested()), "the nested child")
     tracker.observe(second, "call")
     assert tracker.classify(tracker.take(second), later=session) == []
     assert {entry.held_by for entry in tracker.take(session)} == {
