@@ -24,7 +24,6 @@ import os
 from collections.abc import Callable
 from typing import IO
 from typing import Final
-from typing import final
 
 from pytest_procsafe import _spawnhook
 from pytest_procsafe import _stacks
@@ -63,25 +62,14 @@ def install_here(directory: str) -> bool:
     return True
 
 
-@final
-class _Stowaway:
-    """Rides in spawn/forkserver preparation data; unpickled in the child, it installs."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-
-    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
-        return _arrive, (self.directory,)
-
-
 def _arrive(directory: str) -> None:
     if install_here(directory):
         _carry()
 
 
-def _rider() -> _Stowaway | None:
+def _rider() -> _spawnhook.Call | None:
     directory = _STATE["dir"]
-    return None if directory is None else _Stowaway(directory)
+    return None if directory is None else _spawnhook.Call(_arrive, directory)
 
 
 def _carry() -> Callable[[], None]:

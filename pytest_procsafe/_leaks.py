@@ -16,6 +16,8 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import final
@@ -318,25 +320,20 @@ class LeakChecks(_forked.ForkedChecks):
         message = None
         if loose:
             where = owner.where or _report.where_of(loose)
-            text = _report.describe(
-                owner.label,
-                loose,
-                cleanup,
-                auto=self.settings.cleanup_auto,
-                mode=self.settings.leaks,
-            )
-            message = self._deliver(text, owner, settings, test, where=where)
-        if held:
-            # Held on purpose, still running at the end: told, never a failure.
-            text = _report.describe(
-                owner.label,
-                held,
-                cleanup,
-                auto=self.settings.cleanup_auto,
-                mode=self.settings.leaks,
-            )
-            self._warn(text, _report.where_of(held), escalate=False)
+            message = self._deliver(self._words(owner, loose), owner, settings, test, where=where)
+        if held:  # held on purpose, still running at the end: told, never a failure
+            self._warn(self._words(owner, held), _report.where_of(held), escalate=False)
         return message
+
+    def _words(self, owner: Owner, records: Sequence[Mapping[str, object]]) -> str:
+        settings = self.settings
+        return _report.describe(
+            owner.label,
+            records,
+            settings.cleanup,
+            auto=settings.cleanup_auto,
+            mode=settings.leaks,
+        )
 
     def _deliver(
         self,
@@ -383,14 +380,7 @@ class LeakChecks(_forked.ForkedChecks):
         self.report.add(records)
         if self.forked:
             self._handoff.extend(records)
-        message = _report.describe(
-            owner.label,
-            records,
-            self.settings.cleanup,
-            auto=self.settings.cleanup_auto,
-            mode=self.settings.leaks,
-        )
-        return self._deliver(message, owner, settings, test)
+        return self._deliver(self._words(owner, records), owner, settings, test)
 
     def _unlink_deferred(self) -> None:
         if self.segments is not None:

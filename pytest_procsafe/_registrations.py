@@ -10,8 +10,8 @@ evidence the leak checks need to tell this run's ``/dev/shm`` entries from other
 
 * In the test process the wrapper keeps the names in `REGISTERED` (a dict: no I/O).
 * Fork children inherit the wrapper; it appends ``+``/``-`` lines to a log file instead.
-* Spawn and forkserver children get it as a rider of `_spawnhook`: unpickling `_Stowaway`
-  in the child installs the wrapper, pointed at the same log, and passes it on to the
+* Spawn and forkserver children get it as a rider of `_spawnhook`: unpickling its
+  `_spawnhook.Call` in the child installs the wrapper, pointed at the same log, and passes it on to the
   child's own children.
 
 `Registrations` (the test process's side) reads the log only when the leak checks have
@@ -91,30 +91,19 @@ def _listen() -> Callable[[], None]:
     return undo
 
 
-@final
-class _Stowaway:
-    """Rides in spawn/forkserver preparation data; unpickled in the child, it listens."""
-
-    def __init__(self, log: str) -> None:
-        self.log = log
-
-    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
-        return _arrive, (self.log,)
-
-
 def _arrive(log: str) -> None:
     _STATE["log"], _STATE["root"] = log, None
     _listen()
     _carry()
 
 
-def _rider() -> _Stowaway | None:
+def _rider() -> _spawnhook.Call | None:
     log = _STATE["log"]
-    return None if log is None else _Stowaway(log)
+    return None if log is None else _spawnhook.Call(_arrive, log)
 
 
 def _carry() -> Callable[[], None]:
-    """Put a `_Stowaway` into every spawn/forkserver child's preparation data; the undo."""
+    """Put a `_spawnhook.Call` of `_arrive` into every spawn/forkserver child's preparation data; the undo."""
     return _spawnhook.carry(RIDER, _rider)
 
 

@@ -49,6 +49,21 @@ _PYTEST_ENTRY_POINTS: Final = frozenset(
 
 Rider = Callable[[], object]
 
+
+@final
+class Call:
+    """A stowaway that, unpickled in the child, calls ``function(argument)`` there: how a
+    rider that only needs one value (a path) installs itself (`_registrations`,
+    `_dumps`). *function* must be importable by name: a module-level function."""
+
+    def __init__(self, function: Callable[[str], None], argument: str) -> None:
+        self.function = function
+        self.argument = argument
+
+    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
+        return self.function, (self.argument,)
+
+
 # name -> what to carry: called for each launch, None carries nothing this time.
 _RIDERS: dict[str, Rider] = {}
 
