@@ -262,6 +262,7 @@ class LeakChecks:
         entries = tracker.take(owner)
         if settings.leaks == "off":  # a marker turned the checks off for this test
             tracker.exempt.update(entry.proc.pid for entry in entries)
+            detach(entry.proc for entry in entries)  # exempt never means pytest waits at exit
             return None
         found = tracker.classify(entries, later=self._session)
         cleanup = self.settings.cleanup
@@ -278,6 +279,7 @@ class LeakChecks:
             )
             if self._ignored(record, settings):
                 tracker.exempt.add(record.pid)
+                detach([item.proc])  # exempt never means pytest waits for it at exit
             else:
                 leaks.append((item, record))
         if not leaks:

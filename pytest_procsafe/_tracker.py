@@ -130,6 +130,8 @@ class Tracker:
         self.prune: set[int] = set()  # subtrees not walked (execnet)
         self._ledger: Ledger[Owner, int] = Ledger()
         self._direct: dict[int, float] = {}  # pid -> start time, forked by this process
+        #: Told of every descendant when it is first seen (the guardian's announcements).
+        self.on_new: Callable[[Proc], object] | None = None
         self._pre_fork: set[int] = set()
         if self.nested:
             # A pytest run inside a pytest run (pytester's inline mode): what runs already
@@ -162,6 +164,8 @@ class Tracker:
             proc = _proctable.stat(pid)
             if proc is not None and proc.ppid == self.root:
                 self._direct[pid] = proc.start
+                if self.on_new is not None:  # a fork inherits no environment change
+                    self.on_new(proc)
 
     # --- observing ----------------------------------------------------------------------
 
@@ -198,6 +202,8 @@ class Tracker:
         if proc is None:
             return
         self.seen[pid] = entry = Seen(proc, owner, phase, ppid)
+        if self.on_new is not None:
+            self.on_new(proc)
         # First seen under another descendant: if it is our child now, it was re-parented.
         entry.reparented = proc.ppid != ppid
         if ppid in self.prune:
