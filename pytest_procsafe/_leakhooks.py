@@ -165,6 +165,7 @@ class PerTestHooks:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
+        __tracebackhide__ = True  # a teardown's error shows the teardown, not this wrapper
         self.checks.advance("teardown")
         try:
             result = yield

@@ -177,6 +177,7 @@ def mp_process(
     """
     from pytest_procsafe._workers import WorkerGroup
 
+    __tracebackhide__ = True  # an error that interrupts the teardown is not ours
     item = request.node
     assert isinstance(item, pytest.Item)
     settings = _config.item_settings(item)
@@ -252,6 +253,7 @@ def mp_channels(
     """
     from pytest_procsafe._channels import Channels
 
+    __tracebackhide__ = True  # an error that interrupts the teardown is not ours
     item = request.node
     assert isinstance(item, pytest.Item)
     settings = _config.item_settings(item)
