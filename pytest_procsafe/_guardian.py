@@ -202,6 +202,13 @@ def _forget_in_child() -> None:
     _SHARED.update(guardian=None, users=0, environ=None)
 
 
+def hook_forks() -> None:
+    """Have forked children forget this process's guardian (once per process)."""
+    if not _SHARED["hooked"] and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_forget_in_child)
+        _SHARED["hooked"] = True
+
+
 def acquire(*, grace: float, keep: bool) -> Guardian | None:
     """This process's guardian, started on first use; pair every call with `release`."""
     guardian = _SHARED["guardian"]
@@ -212,9 +219,7 @@ def acquire(*, grace: float, keep: bool) -> Guardian | None:
             _restore(previous)
             return None
         _SHARED.update(guardian=guardian, environ=previous)
-        if not _SHARED["hooked"] and hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_forget_in_child)
-            _SHARED["hooked"] = True
+        hook_forks()
     users = _SHARED["users"]
     assert isinstance(users, int)
     _SHARED["users"] = users + 1
