@@ -32,9 +32,10 @@ close their copy of the pipe's write end (an at-fork hook), so they never hide t
 The guardian starts in a session of its own with SIGINT, SIGTERM and SIGHUP blocked: a
 Ctrl-C, a terminal hang-up or a CI job's SIGTERM to pytest's process group ends pytest and
 leaves the guardian to finish the job. It is registered in `_owned`, so the leak checks
-never report it. The guardian process imports the process table and the one escalation
-routine only, and runs with ``-I -S`` on Linux: it starts in milliseconds and costs the
-test process one ``Popen`` (under a millisecond).
+never report it. This module is the guardian process; `_guardlink` is the test process's
+side (starting it, announcing, ``done``). It imports the process table and the one
+escalation routine only, and runs with ``-I -S`` on Linux: it starts in milliseconds and
+costs the test process one ``Popen`` (under a millisecond).
 """
 
 from __future__ import annotations
@@ -43,8 +44,6 @@ import contextlib
 import os
 import select
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from collections.abc import Collection
@@ -60,199 +59,11 @@ from pytest_procsafe._proctable import Proc
 VARIABLE: Final = "PYTEST_PROCSAFE_RUN"
 #: In every guardian's command line: guardians never stop each other.
 MARK: Final = "pytest_procsafe._guardian import main"
-_BOOT: Final = (
-    f"import os, sys; sys.path.insert(0, sys.argv[1]); from {MARK}; os._exit(main(sys.argv[2:]))"
-)
 #: Blocked in the guardian from its start (inherited through exec): see the module docstring.
-_SHIELD: Final = frozenset(
+SHIELD: Final = frozenset(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
 )
 _TRACKER: Final = "multiprocessing.resource_tracker import main"
-#: How long the test process waits for a guardian told ``done`` to exit.
-EXIT_WAIT: Final = 2.0
-
-# --- the test process's side ---------------------------------------------------------------
-
-
-@final
-class Guardian:
-    """The test process's end of a started guardian. Built by `spawn`."""
-
-    def __init__(self, process: subprocess.Popen[bytes], writer: int, token: str) -> None:
-        self.process: Final = process
-        self.pid: Final = process.pid
-        self.token: Final = token
-        self._writer = writer
-        self._backlog = b""
-
-    @property
-    def connected(self) -> bool:
-        """Whether announcements still reach the guardian."""
-        return self._writer >= 0
-
-    def announce(self, pid: int, start: float, *, own: bool) -> None:
-        """Tell the guardian that *pid* (started at *start*) is the run's; *own*: procsafe's
-        own (stopped even under ``cleanup=keep``). Never blocks: a full pipe keeps the rest
-        for the next announcement."""
-        if self._writer < 0:
-            return
-        self._backlog += f"+ {pid} {start!r} {'o' if own else 'd'}\n".encode()
-        self._flush()
-
-    def _flush(self) -> None:
-        try:
-            while self._backlog:
-                self._backlog = self._backlog[os.write(self._writer, self._backlog) :]
-        except BlockingIOError:
-            pass
-        except OSError:  # the guardian is gone: nobody to tell any more
-            self.disconnect()
-
-    def disconnect(self) -> None:
-        """Drop the pipe without a word (a forked child's copy, or a guardian that died)."""
-        writer, self._writer = self._writer, -1
-        if writer >= 0:
-            with contextlib.suppress(OSError):
-                os.close(writer)
-
-    def close(self, *, done: bool) -> None:
-        """The run ends: with *done* (procsafe's cleanup ran) the guardian exits at once;
-        without, it stops what is left of the run as if pytest had died. Waits (bounded)
-        for it to exit and reaps it."""
-        if self._writer >= 0:
-            os.set_blocking(self._writer, True)
-            self._flush()
-            if done and self._writer >= 0:
-                with contextlib.suppress(OSError):
-                    os.write(self._writer, b"done\n")
-            self.disconnect()
-        try:
-            self.process.wait(EXIT_WAIT if done else 0.0)
-        except subprocess.TimeoutExpired:
-            if done:  # it should have exited at once: do not leave it behind
-                self.process.kill()
-                self.process.wait(_escalate.KILL_WAIT)
-
-
-def spawn(*, grace: float, keep: bool, token: str | None = None) -> Guardian | None:
-    """Start a guardian for this process; None where that cannot be done (no pipes and
-    fork-free spawning, a failing interpreter start). Sets `VARIABLE` to the run's token
-    in ``os.environ`` (the caller undoes it)."""
-    if os.name != "posix":
-        return None
-    me = _proctable.stat(os.getpid())
-    if me is None:
-        return None
-    token = token or f"{os.getpid()}-{os.urandom(8).hex()}"
-    os.environ[VARIABLE] = token
-    reader, writer = os.pipe()
-    pidfd = -1
-    if hasattr(os, "pidfd_open"):
-        with contextlib.suppress(OSError):
-            pidfd = os.pidfd_open(os.getpid())
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flags = ["-I", "-S"] if _proctable.LINUX else ["-I"]  # psutil elsewhere: site-packages
-    argv = [
-        sys.executable,
-        *flags,
-        "-c",
-        _BOOT,
-        package_parent,
-        str(reader),
-        str(pidfd),
-        str(me.pid),
-        repr(me.start),
-        token,
-        repr(grace),
-        "keep" if keep else "stop",
-    ]
-    # Blocked here, blocked in the child from its first instruction on (signal masks
-    # survive exec): a Ctrl-C now is delivered to pytest once unblocked, never lost.
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SHIELD)
-    try:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            pass_fds=[fd for fd in (reader, pidfd) if fd >= 0],
-            cwd="/",
-            start_new_session=True,
-        )
-    except OSError:
-        os.close(writer)
-        return None
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        os.close(reader)
-        if pidfd >= 0:
-            os.close(pidfd)
-    os.set_blocking(writer, False)
-    return Guardian(process, writer, token)
-
-
-# One guardian per process: a pytest run nested in a test (pytester's inline mode) shares
-# the one its process already has. Forked children forget it (see the module docstring).
-_SHARED: dict[str, object] = {"guardian": None, "users": 0, "environ": None, "hooked": False}
-
-
-def _forget_in_child() -> None:
-    guardian = _SHARED["guardian"]
-    if isinstance(guardian, Guardian):
-        guardian.disconnect()
-    _SHARED.update(guardian=None, users=0, environ=None)
-
-
-def hook_forks() -> None:
-    """Have forked children forget this process's guardian (once per process)."""
-    if not _SHARED["hooked"] and hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_forget_in_child)
-        _SHARED["hooked"] = True
-
-
-def acquire(*, grace: float, keep: bool) -> Guardian | None:
-    """This process's guardian, started on first use; pair every call with `release`."""
-    guardian = _SHARED["guardian"]
-    if not isinstance(guardian, Guardian):
-        previous = os.environ.get(VARIABLE)
-        guardian = spawn(grace=grace, keep=keep)
-        if guardian is None:
-            _restore(previous)
-            return None
-        _SHARED.update(guardian=guardian, environ=previous)
-        hook_forks()
-    users = _SHARED["users"]
-    assert isinstance(users, int)
-    _SHARED["users"] = users + 1
-    return guardian
-
-
-def release(guardian: Guardian, *, done: bool) -> bool:
-    """Undo one `acquire`; the last one closes the guardian (see `Guardian.close`) and
-    returns True."""
-    if _SHARED["guardian"] is not guardian:
-        return False
-    users = _SHARED["users"]
-    assert isinstance(users, int)
-    _SHARED["users"] = users - 1
-    if users > 1:
-        return False
-    previous = _SHARED["environ"]
-    _SHARED.update(guardian=None, users=0, environ=None)
-    try:
-        guardian.close(done=done)
-    finally:
-        _restore(previous if isinstance(previous, str) else None)
-    return True
-
-
-def _restore(previous: str | None) -> None:
-    if previous is None:
-        os.environ.pop(VARIABLE, None)
-    else:
-        os.environ[VARIABLE] = previous
-
-
-# --- the guardian's side --------------------------------------------------------------------
 
 
 @final
@@ -327,7 +138,7 @@ def main(argv: list[str]) -> int:
     """The guardian process: wait for the test process to end, then act (see the module
     docstring). *argv*: reader fd, pidfd (-1: none), pid and start of the test process,
     token, kill grace, ``keep`` or ``stop``."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SHIELD)
+    signal.pthread_sigmask(signal.SIG_BLOCK, SHIELD)
     reader, pidfd, pid = int(argv[0]), int(argv[1]), int(argv[2])
     run = Run(Proc(pid, 0, _start(argv[3]), False), argv[4])
     grace, keep = float(argv[5]), argv[6] == "keep"
@@ -402,13 +213,13 @@ def act(run: Run, *, grace: float, keep: bool, cleanup_failed: bool = False) -> 
         lines.extend(_describe(kept))
     _say("\n".join(lines))
     ordered = sorted(
-        _proctable.depth_order(targets),
+        _escalate.depth_order(targets),
         key=lambda proc: _TRACKER in " ".join(_proctable.cmdline(proc.pid)),
     )  # the resource tracker last: it cleans up what the others leave once they are gone
     killed = _escalate.escalate(
         ordered,
         grace,
-        send=lambda proc, signum: _proctable.signal_same(proc, signum, _running),
+        send=lambda proc, signum: _escalate.signal_same(proc, signum, _running),
         exited=lambda proc: not _alive(proc),
         wait=_wait_gone,
     )

@@ -2,7 +2,7 @@
 
 `SessionHooks` is registered in every mode (under ``leaks=off`` procsafe still stops its own
 workers at the end); `PerTestHooks` only while checks are on, so ``off`` costs nothing per test.
-`Guard` starts the guardian (`_guardian`) with the checks, tells it about every process
+`Guard` starts the guardian (`_guardlink`) with the checks, tells it about every process
 the checks see, and tells it "done" once the checks' final sweep has finished.
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 from pytest_procsafe import _config
 from pytest_procsafe import _cutshort
-from pytest_procsafe import _guardian
+from pytest_procsafe import _guardlink
 from pytest_procsafe import _leaks
 from pytest_procsafe import _owned
 from pytest_procsafe import _report
@@ -41,7 +41,7 @@ class Guard:
     def __init__(self, config: pytest.Config, checks: _leaks.LeakChecks) -> None:
         self._config = config
         self._checks = checks
-        self._guardian: _guardian.Guardian | None = None
+        self._guardian: _guardlink.Guardian | None = None
         self._swept = False
         config.stash[_GUARD] = self
 
@@ -50,7 +50,7 @@ class Guard:
         if self._guardian is not None or tracker is None:
             return
         settings = self._checks.settings
-        guardian = _guardian.acquire(grace=settings.kill_grace, keep=settings.cleanup == "keep")
+        guardian = _guardlink.acquire(grace=settings.kill_grace, keep=settings.cleanup == "keep")
         if guardian is None:  # no guardian on this platform: the checks still run
             return
         self._guardian = guardian
@@ -78,7 +78,7 @@ class Guard:
         guardian, self._guardian = self._guardian, None
         if guardian is None:
             return
-        if _guardian.release(guardian, done=self._swept):  # else an outer run's, still used
+        if _guardlink.release(guardian, done=self._swept):  # else an outer run's, still used
             _owned.discard_pid(guardian.pid)
 
 

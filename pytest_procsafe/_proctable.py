@@ -8,19 +8,16 @@ lines are read only for processes that exist. Without children files (a kernel b
 without ``CONFIG_PROC_CHILDREN``) a full ``/proc`` scan is the fallback; elsewhere psutil.
 
 Processes are identified by pid *and* start time (`same`), so a reused pid is never
-taken for the process it once was, and `signal_same` signals one only while it still is
-that process. Stopping them is `_reaper`'s job (and the guardian's, once pytest is gone).
+taken for the process it once was. Acting on them is `_reaper`'s job (and the guardian's,
+once pytest is gone), through `_escalate`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
-from collections.abc import Callable
 from collections.abc import Collection
-from collections.abc import Sequence
 from typing import Any
 from typing import Final
 from typing import NamedTuple
@@ -121,48 +118,6 @@ def same(proc: Proc) -> Proc | None:
     """*proc* now, if its pid still belongs to the same process (start time matches)."""
     current = stat(proc.pid)
     return current if current is not None and current.start == proc.start else None
-
-
-def signal_same(proc: Proc, signum: int, check: Callable[[Proc], bool]) -> bool:
-    """Send *signum* to *proc* if its pid still names that process (same start time) and
-    *check* accepts it as it is now; return whether the signal was sent.
-
-    On Linux a pidfd pins the process while it is checked, so its identity cannot change
-    before the signal is sent (no pid-reuse race).
-    """
-    pidfd = -1
-    if LINUX and hasattr(os, "pidfd_open"):
-        try:
-            pidfd = os.pidfd_open(proc.pid)
-        except OSError:
-            return False
-    try:
-        current = same(proc)
-        if current is None or not check(current):
-            return False
-        if pidfd >= 0:
-            signal.pidfd_send_signal(pidfd, signum)
-        else:
-            os.kill(proc.pid, signum)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-    finally:
-        if pidfd >= 0:
-            os.close(pidfd)
-
-
-def depth_order(procs: Sequence[Proc]) -> list[Proc]:
-    """*procs* with children before their parents (deepest first)."""
-    parent = {proc.pid: proc.ppid for proc in procs}
-
-    def depth(proc: Proc) -> int:
-        level, pid = 0, proc.ppid
-        while pid in parent and level < len(parent):
-            level, pid = level + 1, parent[pid]
-        return level
-
-    return sorted(procs, key=depth, reverse=True)
 
 
 # --- the table ----------------------------------------------------------------------------

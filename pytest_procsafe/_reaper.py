@@ -24,10 +24,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 from pytest_procsafe import _escalate
-from pytest_procsafe import _proctable
+from pytest_procsafe._escalate import depth_order
 from pytest_procsafe._proctable import LINUX
 from pytest_procsafe._proctable import Proc
-from pytest_procsafe._proctable import depth_order
 from pytest_procsafe._proctable import descends
 from pytest_procsafe._proctable import same
 
@@ -61,7 +60,7 @@ def python_children(*, deep: bool = False) -> dict[int, object]:
 
 def send(proc: Proc, signum: int, root: int) -> bool:
     """Send *signum* to *proc* if it is the same process and still a descendant of *root*."""
-    return _proctable.signal_same(
+    return _escalate.signal_same(
         proc, signum, lambda current: not current.zombie and descends(current, root)
     )
 

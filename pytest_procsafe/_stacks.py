@@ -101,3 +101,25 @@ def remove(path: str | None) -> None:
     if path is not None:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def trim(dump: str, bootstrap: str) -> str:
+    """A faulthandler dump without the frames below the target in each thread: those
+    below ``main`` of the file *bootstrap* (the worker's bootstrap).
+
+    Below the bootstrap lie multiprocessing's internals and, under fork, the whole stack
+    of the test process at the moment it forked: noise next to where the worker is stuck.
+    """
+    below = f'File "{bootstrap}"'
+    lines: list[str] = []
+    skipping = False
+    for line in dump.splitlines():
+        if not line.startswith(" "):  # a thread's header, or the blank line between them
+            skipping = False
+        elif skipping:
+            continue
+        elif below in line and line.rstrip().endswith(" in main"):
+            skipping = True
+            line = "  (the procsafe bootstrap and multiprocessing frames below are omitted)"
+        lines.append(line)
+    return "\n".join(lines)

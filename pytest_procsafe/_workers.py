@@ -349,7 +349,8 @@ class WorkerGroup:
             send=lambda pid, signum: send_signal(asked[pid], signum),
             pump=self._pump,
         )
-        return {asked[pid]: trim_stack(text) for pid, text in dumps.items()}
+        below = _bootstrap.__file__
+        return {asked[pid]: _stacks.trim(text, below) for pid, text in dumps.items()}
 
     def _hang_report(
         self, worker: Worker, stack: str | None, killed: bool, why: str | None = None
@@ -395,24 +396,3 @@ def _check_cwd(what: str) -> None:
             "removed while the process was in it); spawn and forkserver children start in "
             "their parent's current directory, so chdir into one that exists first"
         ) from exc
-
-
-def trim_stack(dump: str) -> str:
-    """A faulthandler dump without the frames below the target in each thread.
-
-    Below the bootstrap lie multiprocessing's internals and, under fork, the whole stack
-    of the test process at the moment it forked: noise next to where the worker is stuck.
-    """
-    below = f'File "{_bootstrap.__file__}"'
-    lines: list[str] = []
-    skipping = False
-    for line in dump.splitlines():
-        if not line.startswith(" "):  # a thread's header, or the blank line between them
-            skipping = False
-        elif skipping:
-            continue
-        elif below in line and line.rstrip().endswith(" in main"):
-            skipping = True
-            line = "  (the procsafe bootstrap and multiprocessing frames below are omitted)"
-        lines.append(line)
-    return "\n".join(lines)

@@ -16,13 +16,13 @@ import subprocess
 import sys
 import time
 
-from pytest_procsafe import _guardian
+from pytest_procsafe import _guardlink
 from pytest_procsafe import _proctable
 
 
 def main() -> None:
     keep, grace = sys.argv[1] == "keep", float(sys.argv[2])
-    guardian = _guardian.spawn(grace=grace, keep=keep)
+    guardian = _guardlink.spawn(grace=grace, keep=keep)
     assert guardian is not None
     bare = {"PATH": os.environ["PATH"]}
     children = {

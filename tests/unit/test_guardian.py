@@ -19,6 +19,7 @@ from leakkit import proc
 from leakkit import wait_until
 
 from pytest_procsafe import _guardian
+from pytest_procsafe import _guardlink
 from pytest_procsafe import _proctable
 
 pytestmark = pytest.mark.skipif(
@@ -165,10 +166,10 @@ def test_keep_stops_only_procsafe_s_own(keeping_host: Host) -> None:
 
 
 @pytest.fixture
-def guardian(monkeypatch: pytest.MonkeyPatch) -> Iterator[_guardian.Guardian]:
+def guardian(monkeypatch: pytest.MonkeyPatch) -> Iterator[_guardlink.Guardian]:
     """A guardian of this very process (its token undone afterwards)."""
     monkeypatch.setenv(_guardian.VARIABLE, "")
-    started = _guardian.spawn(grace=GRACE, keep=False)
+    started = _guardlink.spawn(grace=GRACE, keep=False)
     assert started is not None
     try:
         yield started
@@ -182,14 +183,14 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def test_an_idle_guardian_uses_no_cpu(guardian: _guardian.Guardian) -> None:
+def test_an_idle_guardian_uses_no_cpu(guardian: _guardlink.Guardian) -> None:
     time.sleep(1.0)  # past its start
     before = cpu_ticks(guardian.pid)
     time.sleep(3.0)
     assert cpu_ticks(guardian.pid) == before
 
 
-def test_the_guardian_outlives_ctrl_c_sigterm_and_hangup(guardian: _guardian.Guardian) -> None:
+def test_the_guardian_outlives_ctrl_c_sigterm_and_hangup(guardian: _guardlink.Guardian) -> None:
     time.sleep(0.3)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         os.kill(guardian.pid, signum)
@@ -199,15 +200,15 @@ def test_the_guardian_outlives_ctrl_c_sigterm_and_hangup(guardian: _guardian.Gua
     assert guardian.process.returncode == 0
 
 
-def test_forked_children_drop_the_guardian(guardian: _guardian.Guardian) -> None:
-    monkeypatched = dict(_guardian._SHARED)
-    _guardian.hook_forks()
-    _guardian._SHARED.update(guardian=guardian, users=1)
+def test_forked_children_drop_the_guardian(guardian: _guardlink.Guardian) -> None:
+    monkeypatched = dict(_guardlink._SHARED)
+    _guardlink.hook_forks()
+    _guardlink._SHARED.update(guardian=guardian, users=1)
     try:
         reader, writer = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
-            ok = _guardian._SHARED["guardian"] is None and not guardian.connected
+            ok = _guardlink._SHARED["guardian"] is None and not guardian.connected
             os.write(writer, b"1" if ok else b"0")
             os._exit(0)
         os.close(writer)
@@ -216,7 +217,7 @@ def test_forked_children_drop_the_guardian(guardian: _guardian.Guardian) -> None
         os.waitpid(pid, 0)
         assert guardian.connected  # the parent's end is untouched
     finally:
-        _guardian._SHARED.update(monkeypatched)
+        _guardlink._SHARED.update(monkeypatched)
 
 
 def test_members_are_the_run_s_processes_only(kids: Kids) -> None:
