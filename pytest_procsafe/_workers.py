@@ -57,6 +57,7 @@ __all__ = [
     "stop_all",
 ]
 
+_INTERRUPTED: Final = "raised KeyboardInterrupt,"
 # Groups whose workers may still run: the session-end and SIGTERM paths stop them all.
 _LIVE: set[WorkerGroup] = set()
 
@@ -285,7 +286,8 @@ class WorkerGroup:
 
     def _settle(self, problems: list[str], why: str | None, *, at_once: bool) -> None:
         """Stop the workers still running (stacks first) and describe what went wrong."""
-        hung = [worker for worker in self._workers if worker.process.exitcode is None]
+        # Read the outcomes already sent (no join ran when the run is cut short).
+        hung = [worker for worker in self._workers if not worker.settled()]
         if at_once:
             for worker in hung:
                 worker.mark_stopped()
@@ -300,7 +302,9 @@ class WorkerGroup:
                 (self._notes if at_once else problems).append(report)
                 continue
             problem = worker.unobserved_problem()
-            if problem is not None:
+            # A terminal's Ctrl-C reaches the whole process group: the workers' own
+            # KeyboardInterrupt is that Ctrl-C, not a failure of theirs.
+            if problem is not None and not (at_once and problem.startswith(_INTERRUPTED)):
                 problems.append(f"{worker.label()} of {self.owner} {problem}")
         problems.extend(
             f"while waiting for the workers of {self.owner}, {text}" for text in self._pump_errors

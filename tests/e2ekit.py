@@ -36,10 +36,16 @@ def run(
 @final
 class Inner:
     """pytest started in a subprocess of its own (``python -m pytest``), its stdout and
-    stderr in files; killed by pid should the test fail before it ended."""
+    stderr in files; killed by pid should the test fail before it ended. With *session*
+    it leads a process group of its own, as a job a terminal runs (Ctrl-C reaches all of
+    it)."""
 
     def __init__(
-        self, pytester: pytest.Pytester, *args: str, options: Sequence[str] = PLUGIN
+        self,
+        pytester: pytest.Pytester,
+        *args: str,
+        options: Sequence[str] = PLUGIN,
+        session: bool = False,
     ) -> None:
         self.path: Final = pytester.path
         self._out = open(pytester.path / "inner-stdout.txt", "wb")  # noqa: SIM115
@@ -50,6 +56,7 @@ class Inner:
             stdin=subprocess.DEVNULL,
             stdout=self._out,
             stderr=self._err,
+            start_new_session=session,  # its own process group, as a terminal's job
         )
         self.ended_at: float | None = None
 

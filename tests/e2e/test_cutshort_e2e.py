@@ -61,12 +61,40 @@ RUNNING = """
 
 
 def inner_run(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, how: str, *args: str
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+    *args: str,
+    session: bool = False,
 ) -> e2ekit.Inner:
     pytester.makepyfile(test_cut=RUNNING)
     monkeypatch.setenv("HOW", how)
     monkeypatch.setenv("INNER_MARK", str(pytester.path / "in-call"))
-    return e2ekit.Inner(pytester, *args, options=OPTIONS)
+    return e2ekit.Inner(pytester, *args, options=OPTIONS, session=session)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ctrl_c_in_a_terminal_ends_the_run_at_once(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    # A terminal's Ctrl-C reaches the whole job: pytest and its workers alike. The
+    # workers' own KeyboardInterrupt is that Ctrl-C, not a failure to report.
+    with (
+        no_survivors(monkeypatch),
+        inner_run(
+            pytester, monkeypatch, "sigint", f"--procsafe-start-methods={method}", session=True
+        ) as inner,
+    ):
+        inner.wait_for(pytester.path / "in-call")
+        os.killpg(inner.process.pid, signal.SIGINT)
+        signalled = time.monotonic()
+        code = inner.end()
+    took = time.monotonic() - signalled
+    assert took < ENDS_WITHIN, inner.text()
+    assert code == pytest.ExitCode.INTERRUPTED, inner.text()
+    assert "KeyboardInterrupt" in inner.stdout
+    assert "never called result()" not in inner.stdout, inner.text()
+    assert "Traceback" not in inner.text(), inner.text()
 
 
 @pytest.mark.parametrize("leaks", ["warn", "fail"])
@@ -79,7 +107,7 @@ def test_ctrl_c_stops_a_running_worker_at_once(
         f"--procsafe-leaks={leaks}",
     ) as inner:  # fmt: skip
         inner.wait_for(pytester.path / "in-call")
-        inner.process.send_signal(signal.SIGINT)
+        inner.process.send_signal(signal.SIGINT)  # to pytest alone (kill -INT)
         signalled = time.monotonic()
         code = inner.end()
     took = time.monotonic() - signalled
