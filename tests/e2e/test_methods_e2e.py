@@ -8,7 +8,6 @@ from e2ekit import run
 
 OVERRIDDEN = """
 import pytest
-from e2ekit import run
 
 @pytest.fixture
 def mp_start_method():
@@ -17,7 +16,6 @@ def mp_start_method():
 
 MARKED = """
 import pytest
-from e2ekit import run
 
 @pytest.mark.procsafe(start_methods="fork")
 def test_marked(mp_context):
