@@ -145,7 +145,11 @@ def main(argv: list[str]) -> int:
     watch(run, reader, pidfd)
     if run.done:
         return 0
-    act(run, grace=grace, keep=keep, cleanup_failed=not _ended(run.parent, pidfd))
+    try:
+        act(run, grace=grace, keep=keep, cleanup_failed=not _ended(run.parent, pidfd))
+    except Exception as exc:  # say it in a line: pytest's stderr is the user's terminal
+        _say(f"procsafe: the guardian of pytest (pid {pid}) failed: {exc!r}")
+        return 1
     return 0
 
 

@@ -96,7 +96,7 @@ def spawn(*, grace: float, keep: bool, token: str | None = None) -> Guardian | N
     """Start a guardian for this process; None where that cannot be done (no pipes and
     fork-free spawning, a failing interpreter start). Sets `VARIABLE` to the run's token
     in ``os.environ`` (the caller undoes it)."""
-    if os.name != "posix":
+    if os.name != "posix" or not sys.executable:  # embedded interpreters may have none
         return None
     me = _proctable.stat(os.getpid())
     if me is None:
