@@ -18,6 +18,16 @@ Which processes are the run's (chosen so that nothing else is ever signalled):
   processes started with a replaced environment (``env={...}``) are known too;
 * the descendants, as they are now, of either kind.
 
+Why not the process tree alone: once pytest is gone, its children are re-parented to
+pytest's nearest subreaper ancestor or to init, and the kernel keeps no record of where
+they came from. The guardian is no subreaper either: it is pytest's child, not an
+ancestor of the run's processes, so nothing is ever re-parented to it. The token and the
+announced pids and start times are what still find the run's processes, wherever they
+went. Announcements travel over the same pipe that tells of pytest's end rather than
+through a file: nothing is left on disk, and the guardian holds the list in memory.
+(``/proc/<pid>/environ`` shows the environment a process was exec'd with: forked
+children show pytest's own, without the token, which is why forks are announced.)
+
 Not found: a process pytest itself started with a replaced environment in the very test
 phase in which pytest died (the leak checks had not observed it yet), once it was
 re-parented. The kernel keeps no record of its former parent, and finding it otherwise
