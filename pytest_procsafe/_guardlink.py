@@ -26,7 +26,8 @@ from pytest_procsafe._guardian import SHIELD
 from pytest_procsafe._guardian import VARIABLE
 
 _BOOT: Final = (
-    f"import os, sys; sys.path.insert(0, sys.argv[1]); from {MARK}; os._exit(main(sys.argv[2:]))"
+    # Appended: for an installed wheel it is site-packages, which must not shadow stdlib.
+    f"import os, sys; sys.path.append(sys.argv[1]); from {MARK}; os._exit(main(sys.argv[2:]))"
 )
 #: How long the test process waits for a guardian told ``done`` to exit.
 EXIT_WAIT: Final = 2.0
