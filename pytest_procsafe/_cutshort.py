@@ -60,8 +60,10 @@ def reason(session: pytest.Session) -> str | None:
     if found is not None:
         return found
     for value in (session.shouldfail, session.shouldstop):
+        if isinstance(value, str) and value:
+            return f"the run was stopping ({value})"
         if value:
-            return f"the run was stopping ({value if isinstance(value, str) else 'stop'})"
+            return "the run was stopping"
     return None
 
 

@@ -304,7 +304,7 @@ class WorkerGroup:
             problem = worker.unobserved_problem()
             # A terminal's Ctrl-C reaches the whole process group: the workers' own
             # KeyboardInterrupt is that Ctrl-C, not a failure of theirs.
-            if problem is not None and not (at_once and problem.startswith(_INTERRUPTED)):
+            if problem is not None and not (why and problem.startswith(_INTERRUPTED)):
                 problems.append(f"{worker.label()} of {self.owner} {problem}")
         problems.extend(
             f"while waiting for the workers of {self.owner}, {text}" for text in self._pump_errors
