@@ -40,6 +40,7 @@ from measure import Result
 from measure import abba
 from measure import at_most
 from measure import compare
+from measure import env
 from measure import log
 from measure import machine
 from measure import pytest_cmd
@@ -64,6 +65,8 @@ class Sizes:
     hung_grace: float
     hung_targets: str  # which hanging targets (comma-separated) the hung case runs
     starts: int  # process starts of each variant, per start method, in the pickling case
+    guardian_samples: int  # fresh processes that each start and stop a guardian
+    guardian_idle: float  # seconds each of them leaves its guardian idle
 
 
 FULL = Sizes(
@@ -78,6 +81,8 @@ FULL = Sizes(
     hung_grace=0.5,
     hung_targets="hang,hang_ignoring_sigterm",
     starts=60,
+    guardian_samples=20,
+    guardian_idle=2.0,
 )
 QUICK = Sizes(
     trivial=300,
@@ -91,6 +96,8 @@ QUICK = Sizes(
     hung_grace=0.2,
     hung_targets="hang_ignoring_sigterm",
     starts=3,
+    guardian_samples=2,
+    guardian_idle=0.2,
 )
 
 
@@ -494,6 +501,75 @@ def bench_pickling(sizes: Sizes, work: Path) -> list[Result]:
     return results
 
 
+# One fresh interpreter per sample: the guardian is started once per pytest process.
+_GUARDIAN_SAMPLE = """
+import json, os, sys, time
+from pytest_procsafe import _guardlink
+start = time.perf_counter()
+guardian = _guardlink.acquire(grace=2.0, keep=False)
+started = time.perf_counter() - start
+assert guardian is not None
+time.sleep(float(sys.argv[1]))  # past its own start-up: from here on it only waits
+with open(f"/proc/{guardian.pid}/stat", "rb") as file:
+    fields = file.read().rsplit(b")", 1)[1].split()
+before = int(fields[11]) + int(fields[12])
+time.sleep(float(sys.argv[2]))
+with open(f"/proc/{guardian.pid}/stat", "rb") as file:
+    fields = file.read().rsplit(b")", 1)[1].split()
+idle = int(fields[11]) + int(fields[12]) - before
+start = time.perf_counter()
+_guardlink.release(guardian, done=True)
+done = time.perf_counter() - start
+print(json.dumps({"start": started, "done": done, "idle_ticks": idle}))
+"""
+
+
+def bench_guardian(sizes: Sizes, work: Path) -> list[Result]:
+    """What the guardian costs the pytest process: its start (once per process), telling it
+    "done" at the end (it exits, and is reaped), and the CPU it uses while it waits."""
+    if not sys.platform.startswith("linux"):
+        return []
+    samples = []
+    for _ in range(sizes.guardian_samples):
+        done = subprocess.run(
+            [sys.executable, "-c", _GUARDIAN_SAMPLE, "0.3", str(sizes.guardian_idle)],
+            cwd=work,
+            env=env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        samples.append(json.loads(done.stdout))
+    starts = [sample["start"] * 1000 for sample in samples]
+    dones = [sample["done"] * 1000 for sample in samples]
+    ticks = sum(sample["idle_ticks"] for sample in samples)
+    idle = sizes.guardian_idle * len(samples)
+    log(
+        "guardian",
+        {"start ms": [round(v, 2) for v in starts], "done ms": [round(v, 2) for v in dones]},
+    )
+    start, finish = statistics.median(starts), statistics.median(dones)
+    return [
+        Result(
+            "guardian start, in the pytest process",
+            round(start, 2),
+            "ms",
+            "<= 5 ms, and no CPU while idle",
+            start <= 5.0 and ticks == 0,
+            f"median of {len(samples)}, max {max(starts):.2f} ms; idle: {ticks} clock "
+            f"ticks of CPU in {idle:g} s",
+        ),
+        Result(
+            "guardian done, at pytest's exit",
+            round(finish, 2),
+            "ms",
+            "<= 5 ms",
+            finish <= 5.0,
+            f"median of {len(samples)}, max {max(dones):.2f} ms (it exits and is reaped)",
+        ),
+    ]
+
+
 CASES: dict[str, Callable[[Sizes, Path], list[Result]]] = {
     "trivial": bench_trivial,
     "xdist": bench_xdist,
@@ -503,6 +579,7 @@ CASES: dict[str, Callable[[Sizes, Path], list[Result]]] = {
     "holders": bench_holders,
     "hung": bench_hung,
     "pickling": bench_pickling,
+    "guardian": bench_guardian,
 }
 
 

@@ -56,8 +56,9 @@ class Joinable(Protocol):
     def add_pump(self, pump: Callable[[], object]) -> None:
         """Have *pump* called while the workers are waited for."""
 
-    def close(self) -> object:
-        """Join the workers (stopping those that hang); reports its own problems."""
+    def close(self, *, now: str | None = None) -> object:
+        """Join the workers (stopping those that hang; all of them at once with *now*, why
+        the run is cut short); reports its own problems."""
 
 
 class Resource(Protocol):
@@ -68,8 +69,9 @@ class Resource(Protocol):
     def drain(self, *, force: bool) -> None:
         """Read what workers wrote and nobody read, without blocking."""
 
-    def close(self) -> list[str]:
-        """Release it for good (workers are gone); return what went wrong, if anything."""
+    def close(self, *, now: bool = False) -> list[str]:
+        """Release it for good (workers are gone); return what went wrong, if anything.
+        *now*: the run is cut short, do not wait on anything that may hang."""
 
 
 @final
@@ -82,8 +84,8 @@ class _QueueResource:
     def drain(self, *, force: bool) -> None:
         self._queue._procsafe_drain(force=force)
 
-    def close(self) -> list[str]:
-        return self._queue._procsafe_close(self._timeout)
+    def close(self, *, now: bool = False) -> list[str]:
+        return self._queue._procsafe_close(self._timeout)  # bounded: it drains itself
 
 
 @final
@@ -100,7 +102,7 @@ class _PipeResource:
             if force or not peer.sent_here:
                 end._procsafe_drain()
 
-    def close(self) -> list[str]:
+    def close(self, *, now: bool = False) -> list[str]:
         for end in self._ends:
             end.close()
         return []
@@ -273,34 +275,49 @@ class Channels:
             with contextlib.suppress(OSError, ValueError):
                 resource.drain(force=False)
 
-    def teardown(self, workers: Joinable) -> list[str]:
+    def teardown(self, workers: Joinable, *, now: str | None = None) -> list[str]:
         """DESIGN's teardown order; returns the channels' problems.
 
         Drain first and while the workers are joined: a worker blocked writing (or
         flushing its queue as it exits) finishes only once someone reads. Only now: during
         the test, a join must not swallow what the test still means to read. Then close
-        everything, whatever the join raised.
+        everything, whatever the join raised. *now* (why the run is cut short): the
+        workers are stopped and the managers shut down without waiting.
         """
+        __tracebackhide__ = True  # the error shown is the one that interrupted the join
+        hurry = now is not None
         try:
             self.drain()
             workers.add_pump(self.drain)
-            workers.close()  # idempotent; mp_process's own teardown reports its problems
+            workers.close(now=now)  # idempotent; mp_process's own teardown reports its problems
+        except BaseException:
+            hurry = True  # interrupted: close what is left without waiting
+            raise
         finally:
-            problems = self.close()
+            problems = self.close(now=hurry)
         return problems
 
-    def close(self) -> list[str]:
-        """Close everything it made, newest first; return the problems (idempotent)."""
+    def close(self, *, now: bool = False) -> list[str]:
+        """Close everything it made, newest first; return the problems (idempotent).
+
+        Interrupt-safe: an exception that interrupts one close (Ctrl-C, an outside timer)
+        is raised once everything else is closed too, without waiting (*now*)."""
+        __tracebackhide__ = True
         if self._problems is None:
             self._problems = []
+            interrupted: BaseException | None = None
             for resource in reversed(self._resources):
                 try:
-                    self._problems.extend(resource.close())
+                    self._problems.extend(resource.close(now=now or interrupted is not None))
                 except Exception as exc:  # one broken channel must not keep others open
                     self._problems.append(f"{resource.label}: closing it failed: {exc!r}")
+                except BaseException as exc:
+                    interrupted = interrupted or exc
             # Frees the queues' semaphores now rather than whenever the garbage collector
             # breaks the cycle through the worker group's pump and diagnosis.
             self._resources.clear()
+            if interrupted is not None:
+                raise interrupted
         return list(self._problems)
 
     def _check_open(self) -> None:

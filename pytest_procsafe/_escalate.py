@@ -14,16 +14,24 @@ itself lives here once:
 
 Interrupt-safe: when the first wait is interrupted (Ctrl-C, an outside timer's exception),
 whatever is still running is killed and reaped before the exception propagates.
+
+For process-table records (`Proc`: leaked trees, and what the guardian stops once pytest
+is gone) `signal_same` is the one way to signal and `depth_order` the one order.
 Imports neither pytest nor the plugin.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Final
 from typing import TypeVar
+
+from pytest_procsafe._proctable import LINUX
+from pytest_procsafe._proctable import Proc
+from pytest_procsafe._proctable import same
 
 #: How long SIGKILLed processes may take to be reaped before we give up on them.
 KILL_WAIT: Final = 5.0
@@ -64,3 +72,45 @@ def escalate(
         if killed:
             wait(killed, kill_wait)
     return killed
+
+
+def signal_same(proc: Proc, signum: int, check: Callable[[Proc], bool]) -> bool:
+    """Send *signum* to *proc* if its pid still names that process (same start time) and
+    *check* accepts it as it is now; return whether the signal was sent.
+
+    On Linux a pidfd pins the process while it is checked, so its identity cannot change
+    before the signal is sent (no pid-reuse race).
+    """
+    pidfd = -1
+    if LINUX and hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except OSError:
+            return False
+    try:
+        current = same(proc)
+        if current is None or not check(current):
+            return False
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, signum)
+        else:
+            os.kill(proc.pid, signum)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def depth_order(procs: Sequence[Proc]) -> list[Proc]:
+    """*procs* with children before their parents (deepest first)."""
+    parent = {proc.pid: proc.ppid for proc in procs}
+
+    def depth(proc: Proc) -> int:
+        level, pid = 0, proc.ppid
+        while pid in parent and level < len(parent):
+            level, pid = level + 1, parent[pid]
+        return level
+
+    return sorted(procs, key=depth, reverse=True)

@@ -2,6 +2,8 @@
 
 `SessionHooks` is registered in every mode (under ``leaks=off`` procsafe still stops its own
 workers at the end); `PerTestHooks` only while checks are on, so ``off`` costs nothing per test.
+`Guard` starts the guardian (`_guardlink`) with the checks, tells it about every process
+the checks see, and tells it "done" once the checks' final sweep has finished.
 """
 
 from __future__ import annotations
@@ -16,17 +18,73 @@ from typing import final
 
 import pytest
 
+from pytest_procsafe import _cutshort
 from pytest_procsafe import _forked
+from pytest_procsafe import _guardlink
 from pytest_procsafe import _leaks
 from pytest_procsafe import _marker
+from pytest_procsafe import _owned
 from pytest_procsafe import _report
 from pytest_procsafe import _summary
 
+_GUARD: Final = pytest.StashKey["Guard"]()
+
 
 def start(config: pytest.Config, checks: _leaks.LeakChecks) -> None:
-    """Turn the per-test checks on."""
+    """Turn the per-test checks on (and the guardian with them)."""
     checks.activate()
     config.pluginmanager.register(PerTestHooks(checks), "procsafe-leak-tests")
+    guard = config.stash.get(_GUARD, None)
+    if guard is not None:
+        guard.start()
+
+
+@final
+class Guard:
+    """The run's guardian, and the final sweep it waits for (see the module docstring)."""
+
+    def __init__(self, config: pytest.Config, checks: _leaks.LeakChecks) -> None:
+        self._config = config
+        self._checks = checks
+        self._guardian: _guardlink.Guardian | None = None
+        self._swept = False
+        config.stash[_GUARD] = self
+
+    def start(self) -> None:
+        tracker = self._checks.tracker
+        if self._guardian is not None or tracker is None:
+            return
+        settings = self._checks.settings
+        guardian = _guardlink.acquire(grace=settings.kill_grace, keep=settings.cleanup == "keep")
+        if guardian is None:  # no guardian on this platform: the checks still run
+            return
+        self._guardian = guardian
+        _owned.add_pid(guardian.pid, _owned.GUARDIAN)
+        tracker.exempt.add(guardian.pid)  # never in the final sweep
+        # One write per new process (none for a test that starts none): the guardian then
+        # knows processes whose environment does not carry the run's token.
+        tracker.on_new = lambda proc: guardian.announce(
+            proc.pid, proc.start, own=proc.pid in _owned.pids()
+        )
+
+    def sweep(self) -> None:
+        """Unconfigure: the checks' final sweep. A second Ctrl-C there kills what it was
+        stopping (the escalation does) and leaves the rest to the guardian."""
+        try:
+            self._checks.close()
+        except KeyboardInterrupt:
+            if not _cutshort.interrupted(self._config):
+                raise
+            return
+        self._swept = True
+
+    def close(self) -> None:
+        """Last: "done" when the sweep finished; otherwise the guardian stops what is left."""
+        guardian, self._guardian = self._guardian, None
+        if guardian is None:
+            return
+        if _guardlink.release(guardian, done=self._swept):  # else an outer run's, still used
+            _owned.discard_pid(guardian.pid)
 
 
 def _test_where(item: pytest.Item) -> tuple[str, int]:
@@ -86,7 +144,14 @@ class SessionHooks:
 
     @pytest.hookimpl(trylast=True)  # after the session's fixtures are torn down
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        self.checks.session_end()
+        try:
+            self.checks.session_end()
+        except KeyboardInterrupt:
+            if _cutshort.reason(session) is None:
+                raise
+            # A second Ctrl-C: what was being stopped is killed; the final sweep (or the
+            # guardian) stops the rest.
+            _cutshort.say(session.config, "", ["a second Ctrl-C: the leak checks stop here"])
         # An xdist worker hands its findings to the controller, which reports them all and
         # sets the run's exit status (xdist sends workeroutput after this hook).
         workeroutput = getattr(session.config, "workeroutput", None)
@@ -136,6 +201,7 @@ class PerTestHooks:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
+        __tracebackhide__ = True  # a teardown's error shows the teardown, not this wrapper
         self.checks.advance("teardown")
         try:
             result = yield

@@ -265,7 +265,7 @@ class LeakChecks(_forked.ForkedChecks):
         entries = tracker.take(owner)
         if settings.leaks == "off":  # a marker turned the checks off for this test
             tracker.exempt.update(entry.proc.pid for entry in entries)
-            detach(entry.proc for entry in entries)  # exempt never makes pytest wait
+            detach(entry.proc for entry in entries)  # exempt never means pytest waits at exit
             return None
         session = owner is self._session
         # What an outliving object holds moves to the session, which reports it at the
@@ -288,7 +288,7 @@ class LeakChecks(_forked.ForkedChecks):
             )
             if self._ignored(record, settings):
                 tracker.exempt.add(record.pid)
-                detach([item.proc])
+                detach([item.proc])  # exempt never means pytest waits for it at exit
             else:
                 leaks.append((item, record))
         if not leaks:

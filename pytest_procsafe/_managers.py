@@ -44,11 +44,11 @@ class ManagerResource:
     def drain(self, *, force: bool) -> None:
         pass
 
-    def close(self) -> list[str]:
+    def close(self, *, now: bool = False) -> list[str]:
         process = manager_process(self._manager)
         problems: list[str] = []
         if process.is_alive():
-            problem = self._stop(process)
+            problem = self._stop(process, now=now)
             if problem:
                 problems.append(problem)
         if process.is_alive():
@@ -58,20 +58,28 @@ class ManagerResource:
         self._manager.shutdown()  # bookkeeping only: it sends nothing to a dead process
         return problems
 
-    def _stop(self, process: BaseProcess) -> str | None:
-        """Ask the manager to shut down, then terminate, then kill (each bounded)."""
-        deadline = time.monotonic() + self._timeout
-        refused = _ask_to_shut_down(self._manager.address, self._authkey, deadline)
-        process.join(0.0 if refused else max(0.0, deadline - time.monotonic()))
-        if not process.is_alive():
+    def _stop(self, process: BaseProcess, *, now: bool = False) -> str | None:
+        """Ask the manager to shut down, then terminate, then kill (each bounded); with
+        *now* (the run is cut short), terminate at once. Interrupt-safe: whatever
+        interrupts the request or the wait, the manager is stopped before it propagates."""
+        refused: str | None = None
+        stubborn = False  # still running after a shutdown request: that is a problem
+        try:
+            if not now:
+                deadline = time.monotonic() + self._timeout
+                refused = _ask_to_shut_down(self._manager.address, self._authkey, deadline)
+                process.join(0.0 if refused else max(0.0, deadline - time.monotonic()))
+                stubborn = process.is_alive()
+        finally:
+            killed = _escalate.escalate(  # nothing to do when it exited already
+                [process],
+                self._grace,
+                send=_signal_manager,
+                exited=lambda proc: not proc.is_alive(),
+                wait=lambda procs, timeout: procs[0].join(timeout),
+            )
+        if not stubborn:
             return None
-        killed = _escalate.escalate(
-            [process],
-            self._grace,
-            send=_signal_manager,
-            exited=lambda proc: not proc.is_alive(),
-            wait=lambda procs, timeout: procs[0].join(timeout),
-        )
         how = "killed" if killed else "terminated"
         reason = f" ({refused})" if refused else ""
         outcome = how if not process.is_alive() else f"{how}, but it is still running"

@@ -1,4 +1,5 @@
-"""The one registry of what procsafe itself owns: its workers, managers, shared memory.
+"""The one registry of what procsafe itself owns: its workers, managers, shared memory and
+the guardian.
 
 Workers and Channels write to it as they start and stop things; the leak checks read it,
 so a process or segment procsafe's own fixtures still answer for is never reported as a
@@ -19,7 +20,7 @@ from typing import Final
 #: terminating, then killing after the grace (seconds).
 Stopper = Callable[[float, "float | None"], None]
 
-# pid -> what it is ("worker", "manager"), for the processes procsafe answers for.
+# pid -> what it is ("worker", "manager", "guardian"), for the processes procsafe answers for.
 _PIDS: dict[int, str] = {}
 # Names (with their leading slash) of shared memory blocks procsafe made and has not
 # unlinked yet.
@@ -28,10 +29,12 @@ _STOPPERS: list[Stopper] = []
 
 WORKER: Final = "worker"
 MANAGER: Final = "manager"
+#: The guardian (`_guardian`): never a leak, never stopped by the leak checks' sweeps.
+GUARDIAN: Final = "guardian"
 
 
 def add_pid(pid: int, what: str) -> None:
-    """*pid* is procsafe's (*what*: `WORKER`, `MANAGER`) until `discard_pid`."""
+    """*pid* is procsafe's (*what*: `WORKER`, `MANAGER`, `GUARDIAN`) until `discard_pid`."""
     _PIDS[pid] = what
 
 

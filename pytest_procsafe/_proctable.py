@@ -8,7 +8,8 @@ lines are read only for processes that exist. Without children files (a kernel b
 without ``CONFIG_PROC_CHILDREN``) a full ``/proc`` scan is the fallback; elsewhere psutil.
 
 Processes are identified by pid *and* start time (`same`), so a reused pid is never
-taken for the process it once was. Acting on them is `_reaper`'s job.
+taken for the process it once was. Acting on them is `_reaper`'s job (and the guardian's,
+once pytest is gone), through `_escalate`.
 """
 
 from __future__ import annotations

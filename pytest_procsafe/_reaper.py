@@ -26,6 +26,7 @@ from pytest_procsafe import _dumps
 from pytest_procsafe import _escalate
 from pytest_procsafe import _holders
 from pytest_procsafe import _stacks
+from pytest_procsafe._escalate import depth_order
 from pytest_procsafe._proctable import LINUX
 from pytest_procsafe._proctable import Proc
 from pytest_procsafe._proctable import cmdline as _proctable_cmdline
@@ -61,28 +62,9 @@ def python_children(*, deep: bool = False) -> dict[int, object]:
 
 def send(proc: Proc, signum: int, root: int) -> bool:
     """Send *signum* to *proc* if it is the same process and still a descendant of *root*."""
-    pidfd = -1
-    if LINUX and hasattr(os, "pidfd_open"):
-        # A pidfd pins the process: checked through it, the identity cannot change before
-        # the signal is sent (no pid-reuse race).
-        try:
-            pidfd = os.pidfd_open(proc.pid)
-        except OSError:
-            return False
-    try:
-        current = same(proc)
-        if current is None or current.zombie or not descends(current, root):
-            return False
-        if pidfd >= 0:
-            signal.pidfd_send_signal(pidfd, signum)
-        else:
-            os.kill(proc.pid, signum)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-    finally:
-        if pidfd >= 0:
-            os.close(pidfd)
+    return _escalate.signal_same(
+        proc, signum, lambda current: not current.zombie and descends(current, root)
+    )
 
 
 def reap(procs: Iterable[Proc], root: int, handles: Mapping[int, object] | None = None) -> None:
@@ -174,19 +156,6 @@ def wait_gone(
             return left
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(pause * 2, 0.05)
-
-
-def depth_order(procs: Sequence[Proc]) -> list[Proc]:
-    """*procs* with children before their parents (deepest first)."""
-    parent = {proc.pid: proc.ppid for proc in procs}
-
-    def depth(proc: Proc) -> int:
-        level, pid = 0, proc.ppid
-        while pid in parent and level < len(parent):
-            level, pid = level + 1, parent[pid]
-        return level
-
-    return sorted(procs, key=depth, reverse=True)
 
 
 def dies_on_sigterm(pid: int) -> bool:

@@ -331,7 +331,7 @@ class SharedMemoryResource:
     def drain(self, *, force: bool) -> None:
         pass
 
-    def close(self) -> list[str]:
+    def close(self, *, now: bool = False) -> list[str]:
         try:
             # A view the test still holds (a memoryview, a numpy array) keeps the mapping
             # alive: unlinking still frees the name, and the memory goes with the view.

@@ -199,3 +199,25 @@ def _py_spy(pid: int) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout if done.returncode == 0 and done.stdout.strip() else None
+
+
+def trim_worker(dump: str, bootstrap: str) -> str:
+    """A faulthandler dump without the frames below the target in each thread: those
+    below ``main`` of the file *bootstrap* (the worker's bootstrap).
+
+    Below the bootstrap lie multiprocessing's internals and, under fork, the whole stack
+    of the test process at the moment it forked: noise next to where the worker is stuck.
+    """
+    below = f'File "{bootstrap}"'
+    lines: list[str] = []
+    skipping = False
+    for line in dump.splitlines():
+        if not line.startswith(" "):  # a thread's header, or the blank line between them
+            skipping = False
+        elif skipping:
+            continue
+        elif below in line and line.rstrip().endswith(" in main"):
+            skipping = True
+            line = "  (the procsafe bootstrap and multiprocessing frames below are omitted)"
+        lines.append(line)
+    return "\n".join(lines)

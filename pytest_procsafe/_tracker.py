@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Final
 from typing import final
@@ -79,6 +80,8 @@ class Tracker:
         self._created: dict[int, str] = {}  # pid -> where the user's code started it
         self._holders: dict[tuple[int, float], str | None] = {}  # (pid, start) -> holder
         self._adopted: dict[int, float] = {}  # pid -> start: reported elsewhere (`adopt`)
+        #: Told of every descendant when it is first seen (the guardian's announcements).
+        self.on_new: Callable[[Proc], object] | None = None
         self._pre_fork: set[int] = set()
         if self.nested:
             # A pytest run inside a pytest run (pytester's inline mode): what runs already
@@ -134,6 +137,8 @@ class Tracker:
         at = _births.where(2)  # above this hook: os.fork's caller and up
         if at is not None:
             self._created.setdefault(child.pid, at)
+        if self.on_new is not None:  # a fork inherits no environment change
+            self.on_new(child)
 
     # --- observing ----------------------------------------------------------------------
 
@@ -174,6 +179,8 @@ class Tracker:
             self.exempt.add(pid)
             return
         self.seen[pid] = entry = Seen(proc, owner, phase, ppid)
+        if self.on_new is not None:
+            self.on_new(proc)
         # First seen under another descendant: if it is our child now, it was re-parented.
         entry.reparented = proc.ppid != ppid
         if ppid in self.prune:

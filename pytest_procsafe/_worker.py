@@ -89,6 +89,7 @@ def wait_for(
 
     Reads the result pipes all along and calls *pump* every `PUMP_INTERVAL`.
     """
+    __tracebackhide__ = True  # an outside timer's error shows the caller, not this loop
     deadline = time.monotonic() + timeout
     while True:
         pending = [worker for worker in workers if not worker.settled()]

@@ -58,6 +58,7 @@ __all__ = [
     "stop_all",
 ]
 
+_INTERRUPTED: Final = "raised KeyboardInterrupt,"
 # Groups whose workers may still run: the session-end and SIGTERM paths stop them all.
 _LIVE: set[WorkerGroup] = set()
 
@@ -118,6 +119,8 @@ class WorkerGroup:
         self._pump_errors: list[str] = []
         self._counters: dict[str, int] = {}
         self._problems: list[str] | None = None
+        self._notes: list[str] = []
+        self._interrupted = False
         self._coverage: tuple[_coverage.Plan | None] | None = None  # computed once
         #: When the group was made (``time.monotonic()``): see `stop_all`.
         self.created: Final = time.monotonic()
@@ -238,46 +241,84 @@ class WorkerGroup:
         """One line per worker saying what it is doing; empty when none was started."""
         return "\n".join(worker.diagnosis() for worker in self._workers)
 
-    def close(self) -> list[str]:
+    def close(self, *, now: str | None = None) -> list[str]:
         """Tear the workers down; return one problem text per worker that went wrong.
 
         Joins each worker within the timeout; a worker still running has its stack dumped,
         is terminated, killed after ``kill_grace`` and reaped. Problems: hung workers, and
         workers that raised or crashed while the test never called ``result()`` nor read
         ``exitcode``. Calling it again returns the same list.
+
+        *now* says why the run is being cut short (Ctrl-C, ``pytest.exit()``, ``-x``): the
+        workers still running are then stopped at once, not waited for, and are not
+        problems; `notes` says what was stopped. Interrupt-safe: whatever interrupts the
+        join (an outside timer's exception, Ctrl-C), the workers still running are stopped
+        and reaped before it propagates, and the problems (`interrupted` is then True) say
+        where each one was.
         """
+        __tracebackhide__ = True  # the error shown is the one that interrupted the join
         if self._problems is not None:
             return list(self._problems)
         problems: list[str] = []
+        why = now
         try:
-            # A worker that already used up a full default timeout in join()/result() gets
-            # no second one: a hung test then takes about timeout + grace, not twice that.
-            waiting = [worker for worker in self._workers if not worker.overdue]
-            wait_for(waiting, self.timeout, pump=self.pumper())
-            hung = [worker for worker in self._workers if worker.process.exitcode is None]
-            stacks = self._capture_stacks(hung)
-            killed = stop_workers(hung, self.kill_grace, pump=self.pumper())
-            for worker in self._workers:
-                if worker in hung:
-                    problems.append(
-                        self._hang_report(worker, stacks.get(worker), worker in killed)
-                    )
-                    continue
-                problem = worker.unobserved_problem()
-                if problem is not None:
-                    problems.append(f"{worker.label()} of {self.owner} {problem}")
-            problems.extend(
-                f"while waiting for the workers of {self.owner}, {text}"
-                for text in self._pump_errors
-            )
+            if now is None:
+                # A worker that already used up a full default timeout in join()/result()
+                # gets no second one: a hung test then takes about timeout + grace.
+                waiting = [worker for worker in self._workers if not worker.overdue]
+                try:
+                    wait_for(waiting, self.timeout, pump=self.pumper())
+                except BaseException as exc:
+                    self._interrupted = True
+                    why = f"its teardown was interrupted ({type(exc).__name__}: {exc})"
+                    raise
         finally:
-            for worker in self._workers:
-                worker.release()
-                if worker.process.exitcode is not None:  # else it is still ours to stop
-                    _owned.discard_pid(worker.pid)
-            _LIVE.discard(self)
-            self._problems = problems
+            try:
+                self._settle(problems, why, at_once=now is not None)
+            finally:
+                for worker in self._workers:
+                    worker.release()
+                    if worker.process.exitcode is not None:  # else still ours to stop
+                        _owned.discard_pid(worker.pid)
+                _LIVE.discard(self)
+                self._problems = problems
         return list(problems)
+
+    @property
+    def notes(self) -> list[str]:
+        """What `close` stopped without waiting because the run was cut short."""
+        return list(self._notes)
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether an exception interrupted `close` (its problems went with that error)."""
+        return self._interrupted
+
+    def _settle(self, problems: list[str], why: str | None, *, at_once: bool) -> None:
+        """Stop the workers still running (stacks first) and describe what went wrong."""
+        # Read the outcomes already sent (no join ran when the run is cut short).
+        hung = [worker for worker in self._workers if not worker.settled()]
+        if at_once:
+            for worker in hung:
+                worker.mark_stopped()
+        stacks: dict[Worker, str] = {}
+        try:
+            stacks = self._capture_stacks(hung)
+        finally:  # stopped even when a second interruption cuts the capture short
+            killed = stop_workers(hung, self.kill_grace, pump=self.pumper())
+        for worker in self._workers:
+            if worker in hung:
+                report = self._hang_report(worker, stacks.get(worker), worker in killed, why)
+                (self._notes if at_once else problems).append(report)
+                continue
+            problem = worker.unobserved_problem()
+            # A terminal's Ctrl-C reaches the whole process group: the workers' own
+            # KeyboardInterrupt is that Ctrl-C, not a failure of theirs.
+            if problem is not None and not (why and problem.startswith(_INTERRUPTED)):
+                problems.append(f"{worker.label()} of {self.owner} {problem}")
+        problems.extend(
+            f"while waiting for the workers of {self.owner}, {text}" for text in self._pump_errors
+        )
 
     def pumper(self) -> Callable[[], None] | None:
         """What waits should call between checks: None when there is nothing to pump."""
@@ -322,14 +363,18 @@ class WorkerGroup:
             send=lambda pid, signum: send_signal(asked[pid], signum),
             pump=self._pump,
         )
-        return {asked[pid]: trim_stack(text) for pid, text in dumps.items()}
+        below = _bootstrap.__file__
+        return {asked[pid]: _stacks.trim_worker(text, below) for pid, text in dumps.items()}
 
-    def _hang_report(self, worker: Worker, stack: str | None, killed: bool) -> str:
+    def _hang_report(
+        self, worker: Worker, stack: str | None, killed: bool, why: str | None = None
+    ) -> str:
         how = f"killed after the {self.kill_grace:g}s grace" if killed else "terminated"
-        lines = [
-            f"{worker.label()} of {self.owner} was still running after the "
-            f"{self.timeout:g}s timeout, so it was stopped ({how})."
-        ]
+        if why is None:
+            first = f"after the {self.timeout:g}s timeout, so it was stopped ({how})."
+        else:
+            first = f"when {why}, so it was stopped without waiting ({how})."
+        lines = [f"{worker.label()} of {self.owner} was still running {first}"]
         if worker.process.exitcode is None:
             lines.append("It did not exit even after SIGKILL.")
         if stack is not None:
@@ -384,24 +429,3 @@ def _check_cwd(what: str) -> None:
             "removed while the process was in it); spawn and forkserver children start in "
             "their parent's current directory, so chdir into one that exists first"
         ) from exc
-
-
-def trim_stack(dump: str) -> str:
-    """A faulthandler dump without the frames below the target in each thread.
-
-    Below the bootstrap lie multiprocessing's internals and, under fork, the whole stack
-    of the test process at the moment it forked: noise next to where the worker is stuck.
-    """
-    below = f'File "{_bootstrap.__file__}"'
-    lines: list[str] = []
-    skipping = False
-    for line in dump.splitlines():
-        if not line.startswith(" "):  # a thread's header, or the blank line between them
-            skipping = False
-        elif skipping:
-            continue
-        elif below in line and line.rstrip().endswith(" in main"):
-            skipping = True
-            line = "  (the procsafe bootstrap and multiprocessing frames below are omitted)"
-        lines.append(line)
-    return "\n".join(lines)

@@ -18,6 +18,7 @@ from typing import Final
 import pytest
 
 from pytest_procsafe import _config
+from pytest_procsafe import _cutshort
 from pytest_procsafe import _dumps
 from pytest_procsafe import _environ
 from pytest_procsafe import _imports
@@ -87,6 +88,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_config.SETTINGS_KEY] = _config.resolve(
         cli, ini, check_report=not _config.is_xdist_worker(config)
     )
+    config.pluginmanager.register(_cutshort.Hooks(config), "procsafe-cutshort")
     _configure_workers(config)
     _configure_leaks(config)
 
@@ -204,6 +206,7 @@ def mp_process(
     """
     from pytest_procsafe._workers import WorkerGroup
 
+    __tracebackhide__ = True  # an error that interrupts the teardown is not ours
     item = request.node
     assert isinstance(item, pytest.Item)
     settings = _marker.item_settings(item)
@@ -215,8 +218,18 @@ def mp_process(
         owner=item.nodeid,
     )
     yield group
-    problems = group.close()
-    if problems:
+    # Cut short (Ctrl-C, pytest.exit(), -x): stop the workers at once, do not join them.
+    why = _cutshort.reason(request.session)
+    try:
+        problems = group.close(now=why)
+    except BaseException as exc:  # an outside timer, Ctrl-C: the workers are stopped
+        if not _cutshort.absorb(request, exc, why, group.close()):
+            raise
+        return
+    _cutshort.say(request.config, item.nodeid, group.notes)
+    if group.interrupted:  # mp_channels' teardown raised what interrupted the join
+        _cutshort.section(request, problems)
+    elif problems:
         _fail_teardown(request, problems)
 
 
@@ -269,6 +282,7 @@ def mp_channels(
     """
     from pytest_procsafe._channels import Channels
 
+    __tracebackhide__ = True  # an error that interrupts the teardown is not ours
     item = request.node
     assert isinstance(item, pytest.Item)
     settings = _marker.item_settings(item)
@@ -280,7 +294,13 @@ def mp_channels(
         workers_done=mp_process.all_exited,
     )
     yield channels
-    problems = channels.teardown(mp_process)
+    why = _cutshort.reason(request.session)
+    try:
+        problems = channels.teardown(mp_process, now=why)
+    except BaseException as exc:  # everything is closed; the workers' problems come next
+        if not _cutshort.absorb(request, exc, why, channels.close()):
+            raise
+        return
     if problems:
         _fail_teardown(request, problems)
 
@@ -356,7 +376,11 @@ def _configure_leaks(config: pytest.Config) -> None:
         tell=_teller(config),
     )
     config.stash[_LEAKS_KEY] = checks
-    config.add_cleanup(checks.close)
+    # Cleanups run last registered first: the guardian is told "done" only after the
+    # checks' final sweep has finished.
+    guard = _leakhooks.Guard(config, checks)
+    config.add_cleanup(guard.close)
+    config.add_cleanup(guard.sweep)
     # Whatever the mode: procsafe's own workers must not outlive a SIGTERMed pytest.
     config.add_cleanup(_sigterm.on_sigterm(checks.emergency))
     config.pluginmanager.register(_leakhooks.SessionHooks(checks), "procsafe-leak-session")

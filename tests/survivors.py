@@ -40,15 +40,16 @@ def marked(mark: str) -> list[str]:
 
 
 @contextmanager
-def no_survivors(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Mark the inner runs started inside; afterwards, fail if any of their processes live."""
+def no_survivors(monkeypatch: pytest.MonkeyPatch, *, settle: float = SETTLE) -> Iterator[None]:
+    """Mark the inner runs started inside; afterwards, fail if any of their processes live
+    *settle* seconds on."""
     if not sys.platform.startswith("linux"):
         yield  # the procfs scan is Linux-only; elsewhere the inner runs' own checks remain
         return
     mark = uuid.uuid4().hex
     monkeypatch.setenv(VARIABLE, mark)
     yield
-    deadline = time.monotonic() + SETTLE
+    deadline = time.monotonic() + settle
     left = marked(mark)
     while left and time.monotonic() < deadline:
         time.sleep(0.05)

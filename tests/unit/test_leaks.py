@@ -373,6 +373,7 @@ def test_a_held_processs_later_children_are_held_too(
     tracker.observe(first, "call")
     assert tracker.classify(tracker.take(first), later=session) == []  # held
     flag.touch()
+
     def nested() -> list[int]:  # the loop's own short sleeps come and go meanwhile
         return [
             pid

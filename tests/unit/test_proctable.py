@@ -253,7 +253,7 @@ def test_stop_takes_children_before_parents_and_kills_after_the_grace(kids: Kids
     shell = kids.popen("sh", "-c", "trap '' TERM; sleep 60 & sleep 61 & wait; exec sleep 62")
     wait_until(lambda: len(_proctable.children(shell.pid)) == 2, "both sleeps started")
     tree = [proc(shell.pid), *map(proc, _proctable.children(shell.pid))]
-    assert _reaper.depth_order(tree)[-1].pid == shell.pid
+    assert _escalate.depth_order(tree)[-1].pid == shell.pid
     # The shell ignores SIGTERM, and so do the children it started after the trap.
     assert not any(_reaper.dies_on_sigterm(p.pid) for p in tree)
     started = time.monotonic()
