@@ -38,6 +38,11 @@ _FILE: list[IO[str]] = []
 _HOOKED: list[bool] = []
 
 
+def directory() -> str | None:
+    """The run's directory of stack dumps, while a session runs here."""
+    return _STATE["dir"]
+
+
 def file_for(pid: int) -> str | None:
     """Where *pid*'s handler writes its dump, while a session runs here."""
     directory = _STATE["dir"]

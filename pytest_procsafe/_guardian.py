@@ -63,6 +63,7 @@ from typing import final
 
 from pytest_procsafe import _escalate
 from pytest_procsafe import _proctable
+from pytest_procsafe import _stacks
 from pytest_procsafe._proctable import Proc
 
 #: The environment variable every process of the run inherits; its value is the run's token.
@@ -152,14 +153,26 @@ def main(argv: list[str]) -> int:
     reader, pidfd, pid = int(argv[0]), int(argv[1]), int(argv[2])
     run = Run(Proc(pid, 0, _start(argv[3]), False), argv[4])
     grace, keep = float(argv[5]), argv[6] == "keep"
+    stacks = argv[7] if len(argv) > 7 and argv[7] else None
     watch(run, reader, pidfd)
     if run.done:
         return 0
     try:
-        act(run, grace=grace, keep=keep, cleanup_failed=not _ended(run.parent, pidfd))
+        act(
+            run,
+            grace=grace,
+            keep=keep,
+            cleanup_failed=not _ended(run.parent, pidfd),
+            stacks=stacks,
+        )
     except Exception as exc:  # say it in a line: pytest's stderr is the user's terminal
         _say(f"procsafe: the guardian of pytest (pid {pid}) failed: {exc!r}")
         return 1
+    finally:
+        if stacks is not None:  # pytest could not remove it: its cleanup never ran
+            import shutil
+
+            shutil.rmtree(stacks, ignore_errors=True)
     return 0
 
 
@@ -202,9 +215,17 @@ def watch(run: Run, reader: int, pidfd: int) -> None:
             run.feed(data)
 
 
-def act(run: Run, *, grace: float, keep: bool, cleanup_failed: bool = False) -> list[Proc]:
-    """Stop what is left of the run (only procsafe's own under *keep*), after saying so on
-    stderr; return the processes it had to kill after the grace."""
+def act(
+    run: Run,
+    *,
+    grace: float,
+    keep: bool,
+    cleanup_failed: bool = False,
+    stacks: str | None = None,
+) -> list[Proc]:
+    """Stop what is left of the run (only procsafe's own under *keep*), after saying on
+    stderr what each was doing (its stack, from the run's directory *stacks*, where it
+    has procsafe's handler); return the processes it had to kill after the grace."""
     table = _table()
     found = run.members(table, skip={os.getpid(), os.getppid()})
     if not found:
@@ -217,10 +238,16 @@ def act(run: Run, *, grace: float, keep: bool, cleanup_failed: bool = False) -> 
         else f"pytest (pid {run.parent.pid}) ended without procsafe's cleanup (it was "
         "killed, called os._exit() or crashed)"
     )
+    dumps: dict[int, str] = {}
+    if stacks is not None and targets:
+        dumps = _stacks.capture(
+            {proc.pid: os.path.join(stacks, f"{proc.pid}.txt") for proc in targets},
+            send=lambda pid, signum: _escalate.signal_same(table[pid], signum, _running),
+        )
     lines = []
     if targets:
         lines.append(f"procsafe: {why}; stopping {_count(targets)} of its run:")
-        lines.extend(_describe(targets))
+        lines.extend(_describe(targets, dumps))
     if kept:
         what = "left running under --procsafe-cleanup=keep"
         lines.append(f"procsafe: {why}; {_count(kept)} of its run {what}:")
@@ -273,13 +300,16 @@ def _count(procs: Collection[Proc]) -> str:
     return f"{len(procs)} process{'es' if len(procs) != 1 else ''}"
 
 
-def _describe(procs: Collection[Proc]) -> list[str]:
+def _describe(procs: Collection[Proc], dumps: Mapping[int, str] | None = None) -> list[str]:
     out = []
     for proc in sorted(procs, key=lambda proc: proc.pid):
         command = " ".join(_proctable.cmdline(proc.pid)) or "?"
         if len(command) > 200:
             command = command[:197] + "..."
         out.append(f"  pid {proc.pid}: {command}")
+        dump = (dumps or {}).get(proc.pid)
+        if dump:
+            out.extend("      " + line for line in _stacks.trim(dump).splitlines())
     return out
 
 

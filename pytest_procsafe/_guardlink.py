@@ -19,6 +19,7 @@ import sys
 from typing import Final
 from typing import final
 
+from pytest_procsafe import _dumps
 from pytest_procsafe import _escalate
 from pytest_procsafe import _proctable
 from pytest_procsafe._guardian import MARK
@@ -93,7 +94,9 @@ class Guardian:
                 self.process.wait(_escalate.KILL_WAIT)
 
 
-def spawn(*, grace: float, keep: bool, token: str | None = None) -> Guardian | None:
+def spawn(
+    *, grace: float, keep: bool, token: str | None = None, stacks: str | None = None
+) -> Guardian | None:
     """Start a guardian for this process; None where that cannot be done (no pipes and
     fork-free spawning, a failing interpreter start). Sets `VARIABLE` to the run's token
     in ``os.environ`` (the caller undoes it)."""
@@ -124,6 +127,7 @@ def spawn(*, grace: float, keep: bool, token: str | None = None) -> Guardian | N
         token,
         repr(grace),
         "keep" if keep else "stop",
+        stacks or "",  # where the run's children write their stacks (`_dumps`)
     ]
     # Blocked here, blocked in the child from its first instruction on (signal masks
     # survive exec): a Ctrl-C now is delivered to pytest once unblocked, never lost.
@@ -173,7 +177,7 @@ def acquire(*, grace: float, keep: bool) -> Guardian | None:
     guardian = _SHARED["guardian"]
     if not isinstance(guardian, Guardian):
         previous = os.environ.get(VARIABLE)
-        guardian = spawn(grace=grace, keep=keep)
+        guardian = spawn(grace=grace, keep=keep, stacks=_dumps.directory())
         if guardian is None:
             _restore(previous)
             return None

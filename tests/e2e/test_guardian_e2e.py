@@ -167,6 +167,8 @@ def test_nothing_outlives_a_pytest_that_died(
     for pid in leaked_pids(pids, "sleeps"):  # they would run on: the guardian names them
         assert f"  pid {pid}: " in err, inner.text()
     assert ": sleep 300" in err, inner.text()
+    # ... and what the multiprocessing children were doing: their stacks (`_dumps`).
+    assert "in sleep_long" in err, inner.text()
 
 
 def _stop_left(before: dict[int, int]) -> None:
