@@ -43,8 +43,23 @@ def directory() -> str | None:
     return _STATE["dir"]
 
 
+# pid -> the file of a procsafe worker, whose bootstrap points the handler there.
+_WORKERS: dict[int, str] = {}
+
+
+def worker_file(pid: int, path: str | None) -> None:
+    """*pid* is a procsafe worker writing its dumps to *path* (None: it is gone)."""
+    if path is None:
+        _WORKERS.pop(pid, None)
+    else:
+        _WORKERS[pid] = path
+
+
 def file_for(pid: int) -> str | None:
     """Where *pid*'s handler writes its dump, while a session runs here."""
+    worker = _WORKERS.get(pid)
+    if worker is not None:
+        return worker
     directory = _STATE["dir"]
     return None if directory is None else os.path.join(directory, f"{pid}.txt")
 

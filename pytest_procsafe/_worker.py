@@ -26,6 +26,7 @@ from typing import Any
 from typing import Final
 from typing import final
 
+from pytest_procsafe import _dumps
 from pytest_procsafe import _escalate
 from pytest_procsafe import _exits
 from pytest_procsafe import _seconds
@@ -325,6 +326,7 @@ class Worker:
         self._watch.exitcode()  # settles an exit whose status was collected elsewhere
         self._watch.close()
         _stacks.remove(self.stack_file)
+        _dumps.worker_file(self.pid, None)
 
     def _interpret(self, outcome: Outcome, label: str) -> Any:
         __tracebackhide__ = True

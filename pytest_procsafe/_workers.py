@@ -33,6 +33,7 @@ from typing import final
 
 from pytest_procsafe import _bootstrap
 from pytest_procsafe import _coverage
+from pytest_procsafe import _dumps
 from pytest_procsafe import _escalate
 from pytest_procsafe import _owned
 from pytest_procsafe import _seconds
@@ -193,6 +194,7 @@ class WorkerGroup:
         worker = Worker(process, reader, name, stack_file, limits=self._limits, pumper=self.pumper)
         self._workers.append(worker)
         _owned.add_pid(worker.pid, _owned.WORKER)
+        _dumps.worker_file(worker.pid, stack_file)
         return worker
 
     def _coverage_plan(self) -> _coverage.Plan | None:

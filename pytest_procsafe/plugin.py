@@ -65,7 +65,7 @@ def _ini_type(option: _config.Option) -> Any:
     """Seconds may be TOML numbers: pytest 9.2+ takes ``float | str`` for that (a string
     still reaches procsafe's own parser and its messages); older pytest only strings."""
     if option.metavar == "SECONDS" and pytest.version_tuple >= (9, 2):
-        return float | str
+        return str | float
     return None
 
 
