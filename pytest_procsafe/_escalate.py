@@ -26,6 +26,7 @@ import os
 import signal
 from collections.abc import Callable
 from collections.abc import Sequence
+from typing import Any
 from typing import Final
 from typing import TypeVar
 
@@ -114,3 +115,17 @@ def depth_order(procs: Sequence[Proc]) -> list[Proc]:
         return level
 
     return sorted(procs, key=depth, reverse=True)
+
+
+def kill_at_once(process: Any) -> None:
+    """Kill and reap a ``multiprocessing`` process whose start did not complete (Ctrl-C
+    while it was launched), if it exists at all: no grace for what never ran."""
+    if getattr(process, "_popen", None) is None:
+        return
+    escalate(
+        [process],
+        0.0,
+        send=lambda proc, signum: proc.kill(),
+        exited=lambda proc: proc.exitcode is not None,
+        wait=lambda procs, timeout: procs[0].join(timeout),
+    )

@@ -178,7 +178,7 @@ class WorkerGroup:
             # Interrupted half way (Ctrl-C while a spawn child starts): the child may exist
             # already. It is procsafe's own, so it is stopped here, never left behind to be
             # reported as somebody's orphan.
-            _abandon(process)
+            _escalate.kill_at_once(process)
             if isinstance(exc, PayloadError):
                 error = WorkerError(
                     f"cannot start worker {name!r} ({self.start_method}) of {self.owner}: {exc}"
@@ -401,23 +401,6 @@ class WorkerGroup:
             f"<WorkerGroup of {self.owner!r} {self.start_method} "
             f"workers={len(self._workers)}{state}>"
         )
-
-
-def _abandon(process: BaseProcess) -> None:
-    """Kill and reap a child whose start did not complete, if it exists at all."""
-    if getattr(process, "_popen", None) is None:
-        return
-
-    def send(proc: BaseProcess, signum: int) -> None:
-        proc.kill()
-
-    _escalate.escalate(
-        [process],
-        0.0,
-        send=send,
-        exited=lambda proc: proc.exitcode is not None,
-        wait=lambda procs, timeout: procs[0].join(timeout),
-    )
 
 
 def _check_cwd(what: str) -> None:
