@@ -264,7 +264,8 @@ class LeakChecks(_forked.ForkedChecks):
         assert tracker is not None
         entries = tracker.take(owner)
         if settings.leaks == "off":  # a marker turned the checks off for this test
-            tracker.exempt.update(entry.proc.pid for entry in entries)
+            for entry in entries:
+                tracker.spare(entry.proc)
             detach(entry.proc for entry in entries)  # exempt never means pytest waits at exit
             return None
         session = owner is self._session
@@ -287,7 +288,7 @@ class LeakChecks(_forked.ForkedChecks):
                 created_at=item.created_at,
             )
             if self._ignored(record, settings):
-                tracker.exempt.add(record.pid)
+                tracker.spare(item.proc)
                 detach([item.proc])  # exempt never means pytest waits for it at exit
             else:
                 leaks.append((item, record))

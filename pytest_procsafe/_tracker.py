@@ -80,6 +80,7 @@ class Tracker:
         self._created: dict[int, str] = {}  # pid -> where the user's code started it
         self._holders: dict[tuple[int, float], str | None] = {}  # (pid, start) -> holder
         self._adopted: dict[int, float] = {}  # pid -> start: reported elsewhere (`adopt`)
+        self._spared: dict[int, float] = {}  # pid -> start: not reported, still swept
         #: Told of every descendant when it is first seen (the guardian's announcements).
         self.on_new: Callable[[Proc], object] | None = None
         self._pre_fork: set[int] = set()
@@ -255,16 +256,26 @@ class Tracker:
             entry.owner = owner
             self._ledger.add(owner, entry.proc.pid)
 
+    def spare(self, proc: Proc) -> None:
+        """*proc* is exempt from reports (``ignore``, the hook, a ``leaks="off"`` marker)
+        but not from the final sweep: nothing the run started outlives it."""
+        self.exempt.add(proc.pid)
+        self._spared[proc.pid] = proc.start
+
     def leftovers(self) -> list[Proc]:
-        """Every descendant now that no rule exempts: the final sweep's targets."""
+        """Every descendant now that no rule exempts, and those only spared from reports:
+        the final sweep's targets."""
         machinery = _machinery.pids()
         out = []
         for pid in self.table.tree(self.prune):
-            if pid in self.exempt or pid in machinery:
+            if (pid in self.exempt and pid not in self._spared) or pid in machinery:
                 continue
             proc = _proctable.stat(pid)
-            if proc is not None and not _machinery.is_machinery(proc, machinery, self.root):
-                out.append(proc)
+            if proc is None or _machinery.is_machinery(proc, machinery, self.root):
+                continue
+            if pid in self._spared and self._spared[pid] != proc.start:
+                continue  # the pid was reused: not the process spared, nor the run's
+            out.append(proc)
         return out
 
     # --- classification -----------------------------------------------------------------

@@ -271,6 +271,14 @@ def test_ignored_processes_are_neither_reported_nor_stopped(
     assert run_test(checks, start) is None
     assert hooks.reported == []
     assert all(proc(pid) for pid in started)
+    # Not reported, and left running until the session ends; then stopped like anything
+    # else the run started (unless cleanup=keep).
+    checks.session_end()
+    assert all(proc(pid) for pid in started)
+    checks.close()
+    for pid in started:
+        left = _proctable.stat(pid)
+        assert left is None or left.zombie, f"pid {pid} outlived the session"
 
 
 def test_a_marker_turning_the_checks_off(
