@@ -264,8 +264,11 @@ class LeakChecks(_forked.ForkedChecks):
         assert tracker is not None
         entries = tracker.take(owner)
         if settings.leaks == "off":  # a marker turned the checks off for this test
-            for entry in entries:
-                tracker.spare(entry.proc)
+            for entry in entries:  # swept at the end, unless the session's mode is off
+                if self.settings.leaks == "off":
+                    tracker.exempt.add(entry.proc.pid)
+                else:
+                    tracker.spare(entry.proc)
             detach(entry.proc for entry in entries)  # exempt never means pytest waits at exit
             return None
         session = owner is self._session
