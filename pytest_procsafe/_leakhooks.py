@@ -34,6 +34,9 @@ def start(config: pytest.Config, checks: _leaks.LeakChecks) -> None:
     """Turn the per-test checks on (and the guardian with them)."""
     checks.activate()
     config.pluginmanager.register(PerTestHooks(checks), "procsafe-leak-tests")
+    # pytest-forked (its entry point's name): each test may run in a forked process.
+    if any(config.pluginmanager.has_plugin(name) for name in ("pytest_forked", "forked")):
+        config.pluginmanager.register(ForkedHooks(checks), "procsafe-leak-forked")
     guard = config.stash.get(_GUARD, None)
     if guard is not None:
         guard.start()
@@ -61,6 +64,7 @@ class Guard:
         self._guardian = guardian
         _owned.add_pid(guardian.pid, _owned.GUARDIAN)
         tracker.exempt.add(guardian.pid)  # never in the final sweep
+        tracker.inert.add(guardian.pid)  # childless: the clean test's check stays cheap
         # One write per new process (none for a test that starts none): the guardian then
         # knows processes whose environment does not carry the run's token.
         tracker.on_new = lambda proc: guardian.announce(
@@ -225,25 +229,19 @@ class PerTestHooks:
                 item.user_properties.append((_forked.KEY, found))
         return message
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(
-        self, item: pytest.Item, call: pytest.CallInfo[None]
-    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-        report = yield
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> None:
         # A test that failed (a timeout, an assertion) while what it started still runs:
-        # show where each of those processes is, before its teardown stops them.
-        if report.when == "call" and report.failed:
-            text = self.checks.still_running()
-            if text:
-                report.sections.append(("procsafe: still running", text))
-        return report
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "teardown" or self.checks.forked:
+        # show where each of those processes is, before its teardown stops them. A plain
+        # hook (a passing phase pays one check): the section is added before the report.
+        excinfo = call.excinfo
+        if call.when != "call" or excinfo is None:
             return
-        for found in _forked.found_in(report.user_properties):
-            path, line, _ = report.location
-            self.checks.receive(found, (path, (line or 0) + 1))
+        if excinfo.errisinstance((pytest.skip.Exception, pytest.xfail.Exception)):
+            return
+        text = self.checks.still_running()
+        if text:
+            item.add_report_section("call", "procsafe: still running", text)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(
@@ -264,3 +262,18 @@ class PerTestHooks:
     def pytest_fixture_post_finalizer(self, fixturedef: pytest.FixtureDef[object]) -> None:
         if fixturedef.scope != "function":
             self.checks.fixture_done(fixturedef)
+
+
+@final
+class ForkedHooks:
+    """The parent's side under pytest-forked (registered only when that plugin is)."""
+
+    def __init__(self, checks: _leaks.LeakChecks) -> None:
+        self.checks = checks
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "teardown" or self.checks.forked:
+            return
+        for found in _forked.found_in(report.user_properties):
+            path, line, _ = report.location
+            self.checks.receive(found, (path, (line or 0) + 1))

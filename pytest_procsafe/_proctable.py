@@ -169,6 +169,14 @@ class ProcTable:
             return False
         return False
 
+    def children_within(self, pids: Collection[int]) -> bool:
+        """True when every child of the root is among *pids* (one ``fstat`` and one
+        ``pread`` for a single-threaded root): with *pids* childless by design (the
+        guardian), nothing new exists anywhere below."""
+        if not LINUX or not self.fast:
+            return False
+        return all(pid in pids for pid in self._root_children())
+
     def tree(self, prune: Collection[int] = ()) -> dict[int, int]:
         """``{pid: ppid}`` for every descendant; the subtrees under *prune* are not walked."""
         if not LINUX:

@@ -75,6 +75,9 @@ class Tracker:
         self.seen: dict[int, Seen] = {}
         self.exempt: set[int] = set()  # never candidates again (ignored, machinery)
         self.prune: set[int] = set()  # subtrees not walked (execnet)
+        #: Children that never have children of their own (the guardian): exempt, and no
+        #: reason to walk the tree while they are all there is.
+        self.inert: set[int] = set()
         self._ledger: Ledger[Owner, int] = Ledger()
         self._direct: dict[int, float] = {}  # pid -> start time, forked by this process
         self._created: dict[int, str] = {}  # pid -> where the user's code started it
@@ -147,6 +150,15 @@ class Tracker:
         """Give every descendant not seen before to *owner*; forget those that are gone."""
         seen = self.seen
         if not seen and self.table.quiet():  # the clean test's whole cost
+            return
+        inert = self.inert
+        # Only childless helpers of procsafe's own (the guardian) below: nothing to see.
+        if (
+            inert
+            and len(seen) <= len(inert)
+            and all(pid in inert for pid in seen)
+            and self.table.children_within(inert)
+        ):
             return
         tree = self.table.tree(self.prune)
         # A known pid under the same parent is taken to be the same process: pids are
