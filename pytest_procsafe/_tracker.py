@@ -191,6 +191,9 @@ class Tracker:
             self.seen[pid] = Seen(proc, None, "forked", ppid)
             self.exempt.add(pid)
             return
+        if pid in self.inert:  # procsafe's own helper, first walked in some test: no one's
+            self.seen[pid] = Seen(proc, None, phase, ppid)
+            return
         self.seen[pid] = entry = Seen(proc, owner, phase, ppid)
         if self.on_new is not None:
             self.on_new(proc)

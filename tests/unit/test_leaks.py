@@ -123,6 +123,20 @@ def test_each_process_belongs_to_the_owner_it_was_first_seen_under(
     assert tracker.take(test) == []  # each owner is checked once
 
 
+def test_an_inert_helper_first_walked_in_a_test_is_nobody_s(kids: Kids, tracker: Tracker) -> None:
+    """The guardian is skipped while it is alone; when a test's child makes the tree be
+    walked, the guardian is not that test's process (nor in its still-running section)."""
+    test = Owner("t", "test")
+    helper = kids.sleeper()
+    tracker.exempt.add(helper.pid)
+    tracker.inert.add(helper.pid)
+    tracker.observe(test, "setup")  # the helper alone: nothing walked
+    child = kids.sleeper()
+    tracker.observe(test, "call")
+    assert [proc.pid for proc in tracker.live(test)] == [child.pid]
+    assert [entry.proc.pid for entry in tracker.take(test)] == [child.pid]
+
+
 def test_a_nested_tracker_leaves_what_ran_before_it_alone(kids: Kids) -> None:
     before = kids.sleeper()
     with_outer = Tracker()
