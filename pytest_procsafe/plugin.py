@@ -207,9 +207,7 @@ def mp_process(
     from pytest_procsafe._workers import WorkerGroup
 
     __tracebackhide__ = True  # an error that interrupts the teardown is not ours
-    item = request.node
-    assert isinstance(item, pytest.Item)
-    settings = _marker.item_settings(item)
+    item, settings = _test_and_settings(request)
     group = WorkerGroup(
         mp_context,
         start_method=mp_start_method,
@@ -242,6 +240,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     # tears down what is left (after Ctrl-C, or another plugin's internal error). A flag
     # set once here, rather than a per-test wrapper around every test's protocol.
     session.config.stash[_SESSION_ENDING] = True
+
+
+def _test_and_settings(request: pytest.FixtureRequest) -> tuple[pytest.Item, _config.Settings]:
+    """The test a function-scoped fixture serves, and its settings (marker over options)."""
+    item = request.node
+    assert isinstance(item, pytest.Item)
+    return item, _marker.item_settings(item)
 
 
 def _fail_teardown(request: pytest.FixtureRequest, problems: list[str]) -> None:
@@ -283,9 +288,7 @@ def mp_channels(
     from pytest_procsafe._channels import Channels
 
     __tracebackhide__ = True  # an error that interrupts the teardown is not ours
-    item = request.node
-    assert isinstance(item, pytest.Item)
-    settings = _marker.item_settings(item)
+    _, settings = _test_and_settings(request)
     channels = Channels(
         mp_context,
         timeout=settings.timeout,

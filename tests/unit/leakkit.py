@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from typing import Any
 from typing import final
 
 import pytest
@@ -138,3 +139,20 @@ def kids_fixture() -> Iterator[Kids]:
 def sleep_forever() -> None:
     """A child's target that outlives any test that forgets it (bounded by `WAIT`)."""
     time.sleep(WAIT)
+
+
+def record(
+    pid: int, ppid: int, *, kind: str = "leaked", owner: str = "t.py::t", **more: Any
+) -> dict[str, Any]:
+    """One leak report record, as the tracker writes it (the report and summary tests)."""
+    base: dict[str, Any] = {
+        "owner": owner,
+        "kind": kind,
+        "pid": pid,
+        "ppid": ppid,
+        "cmdline": ["sleep", str(pid)],
+        "phase": "call",
+        "action": "killed",
+    }
+    base.update(more)
+    return base

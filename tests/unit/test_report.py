@@ -8,26 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from leakkit import record
 
 from pytest_procsafe import LeakedProcess
 from pytest_procsafe import _report
 from pytest_procsafe._report import Report
-
-
-def record(
-    pid: int, ppid: int, *, kind: str = "leaked", owner: str = "t.py::t", **more: Any
-) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "owner": owner,
-        "kind": kind,
-        "pid": pid,
-        "ppid": ppid,
-        "cmdline": ["sleep", str(pid)],
-        "phase": "call",
-        "action": "killed",
-    }
-    base.update(more)
-    return base
 
 
 def test_trees_are_drawn_as_trees() -> None:

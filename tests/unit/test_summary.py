@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
+from leakkit import record
 
 from pytest_procsafe import _summary
 from pytest_procsafe._report import Report
-
-
-def record(pid: int, ppid: int, **more: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "owner": "t.py::t",
-        "kind": "leaked",
-        "pid": pid,
-        "ppid": ppid,
-        "cmdline": ["sleep", str(pid)],
-        "phase": "call",
-        "action": "killed",
-    }
-    base.update(more)
-    return base
 
 
 def test_nothing_left_means_no_section() -> None:
