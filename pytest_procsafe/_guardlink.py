@@ -1,7 +1,10 @@
 """The test process's side of the guardian (`_guardian`): start it, tell it, say "done".
 
 `acquire` starts one guardian per process (a pytest run nested in a test, pytester's inline
-mode, shares it) and sets `_guardian.VARIABLE` to the run's token in ``os.environ``;
+mode, shares it) and sets `_guardian.VARIABLE` to the run's token in ``os.environ``. The
+guardian is started through ``/bin/sh`` in the background, so it is not the test process's
+child: the leak checks' one ``waitid`` per test phase then still finds no child at all in a
+clean test (start it before the test process becomes a subreaper, or it comes back);
 `Guardian.announce` tells it of a process of the run by pid and start time (never blocks);
 `release` tells it ``done`` once procsafe's cleanup has finished, or closes the pipe without
 it when the cleanup did not finish, so that the guardian stops what is left. Forked
@@ -13,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
+from typing import Any
 from typing import Final
 from typing import final
 
@@ -32,18 +38,43 @@ _BOOT: Final = (
 )
 #: How long the test process waits for a guardian told ``done`` to exit.
 EXIT_WAIT: Final = 2.0
+#: The shell that starts the guardian in the background; it prints the guardian's pid.
+SHELL: Final = "/bin/sh"
+_DETACH: Final = '"$@" >/dev/null & echo $!'
+#: How long the shell may take to start the guardian and exit (it takes a millisecond).
+SHELL_WAIT: Final = 10.0
 
 
 @final
 class Guardian:
-    """The test process's end of a started guardian. Built by `spawn`."""
+    """The test process's end of a started guardian. Built by `spawn`.
 
-    def __init__(self, process: subprocess.Popen[bytes], writer: int, token: str) -> None:
-        self.process: Final = process
-        self.pid: Final = process.pid
+    *child*: the guardian's `Popen` when it had to be this process's child (no shell);
+    otherwise it is nobody's here, and its exit is awaited through a pidfd (Linux) or by
+    polling its pid and start time.
+    """
+
+    def __init__(
+        self,
+        proc: _proctable.Proc,
+        writer: int,
+        token: str,
+        child: subprocess.Popen[bytes] | None = None,
+    ) -> None:
+        self.pid: Final = proc.pid
+        self.proc: Final = proc
         self.token: Final = token
+        #: Whether the guardian is this process's child (then the leak checks exempt it).
+        self.child: Final = child is not None
+        self._popen = child
         self._writer = writer
         self._backlog = b""
+        self._pidfd = -1
+        if child is None and hasattr(os, "pidfd_open"):
+            with contextlib.suppress(OSError):
+                self._pidfd = os.pidfd_open(proc.pid)
+            if self._pidfd >= 0 and _proctable.same(proc) is None:  # gone already
+                self._close_pidfd()
 
     @property
     def connected(self) -> bool:
@@ -74,24 +105,73 @@ class Guardian:
         if writer >= 0:
             with contextlib.suppress(OSError):
                 os.close(writer)
+        self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        pidfd, self._pidfd = self._pidfd, -1
+        if pidfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(pidfd)
 
     def close(self, *, done: bool) -> None:
         """The run ends: with *done* (procsafe's cleanup ran) the guardian exits at once;
-        without, it stops what is left of the run as if pytest had died. Waits (bounded)
-        for it to exit and reaps it."""
-        if self._writer >= 0:
-            os.set_blocking(self._writer, True)
-            self._flush()
-            if done and self._writer >= 0:
-                with contextlib.suppress(OSError):
-                    os.write(self._writer, b"done\n")
-            self.disconnect()
+        without, it stops what is left of the run as if pytest had died. With *done*,
+        waits (bounded) for it to exit, and kills it if it does not."""
+        pidfd, self._pidfd = self._pidfd, -1  # kept past the disconnect: to wait on
         try:
-            self.process.wait(EXIT_WAIT if done else 0.0)
-        except subprocess.TimeoutExpired:
-            if done:  # it should have exited at once: do not leave it behind
-                self.process.kill()
-                self.process.wait(_escalate.KILL_WAIT)
+            if self._writer >= 0:
+                os.set_blocking(self._writer, True)
+                self._flush()
+                if done and self._writer >= 0:
+                    with contextlib.suppress(OSError):
+                        os.write(self._writer, b"done\n")
+                self.disconnect()
+            if done and not self.wait(EXIT_WAIT, pidfd):
+                self._kill(pidfd)
+            elif not done and self._popen is not None:
+                self._popen.poll()  # reaped now if it is gone already; else by subprocess
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def wait(self, timeout: float, pidfd: int = -1) -> bool:
+        """Wait up to *timeout* for the guardian to exit; True once it has."""
+        if self._popen is not None:
+            try:
+                self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        pidfd = pidfd if pidfd >= 0 else self._pidfd
+        if pidfd >= 0:
+            with contextlib.suppress(InterruptedError):
+                select.select([pidfd], [], [], timeout)  # readable once it has exited
+            return self.exited()
+        deadline = time.monotonic() + timeout
+        while not self.exited():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def exited(self) -> bool:
+        """Whether the guardian has exited (a zombie has: its parent reaps it)."""
+        if self._popen is not None:
+            return self._popen.poll() is not None
+        current = _proctable.same(self.proc)
+        return current is None or current.zombie
+
+    def _kill(self, pidfd: int) -> None:
+        if self._popen is not None:
+            self._popen.kill()
+            self._popen.wait(_escalate.KILL_WAIT)
+            return
+        with contextlib.suppress(OSError):
+            if pidfd >= 0:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            elif _proctable.same(self.proc) is not None:
+                os.kill(self.pid, signal.SIGKILL)
+        self.wait(_escalate.KILL_WAIT, pidfd)
 
 
 def spawn(
@@ -133,24 +213,62 @@ def spawn(
     # survive exec): a Ctrl-C now is delivered to pytest once unblocked, never lost.
     old = signal.pthread_sigmask(signal.SIG_BLOCK, SHIELD)
     try:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            pass_fds=[fd for fd in (reader, pidfd) if fd >= 0],
-            cwd="/",
-            start_new_session=True,
-        )
-    except OSError:
-        os.close(writer)
-        return None
+        guardian = _start(argv, [fd for fd in (reader, pidfd) if fd >= 0], writer, token)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         os.close(reader)
         if pidfd >= 0:
             os.close(pidfd)
+    if guardian is None:
+        os.close(writer)
+        return None
     os.set_blocking(writer, False)
-    return Guardian(process, writer, token)
+    return guardian
+
+
+def _start(argv: list[str], fds: list[int], writer: int, token: str) -> Guardian | None:
+    """Start the guardian in the background of a shell that exits at once (so that it is
+    nobody's child here); as a child only where there is no shell."""
+    options: dict[str, Any] = {
+        "stdin": subprocess.DEVNULL,
+        "pass_fds": fds,
+        "cwd": "/",
+        "start_new_session": True,
+    }
+    if os.path.exists(SHELL):
+        proc = _detached(argv, options)
+        return None if proc is None else Guardian(proc, writer, token)
+    try:
+        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, **options)
+    except OSError:
+        return None
+    proc = _proctable.stat(child.pid)
+    if proc is None:  # it died at once
+        child.wait()
+        return None
+    return Guardian(proc, writer, token, child)
+
+
+def _detached(argv: list[str], options: dict[str, Any]) -> _proctable.Proc | None:
+    """Run *argv* in the background of ``sh``, which prints its pid and exits: the process
+    is then re-parented to the nearest subreaper or init. None if it did not start."""
+    try:
+        shell = subprocess.Popen(
+            [SHELL, "-c", _DETACH, "sh", *argv], stdout=subprocess.PIPE, **options
+        )
+    except OSError:
+        return None
+    try:
+        out, _ = shell.communicate(timeout=SHELL_WAIT)
+    except subprocess.TimeoutExpired:
+        shell.kill()
+        shell.wait(_escalate.KILL_WAIT)
+        return None
+    try:
+        pid = int(out)
+    except ValueError:
+        return None
+    return _proctable.stat(pid)
 
 
 # One guardian per process: a pytest run nested in a test (pytester's inline mode) shares

@@ -1,17 +1,14 @@
 """The leak checks' pytest hooks: they tell `LeakChecks` where the run is, nothing more.
 
 `SessionHooks` is registered in every mode (under ``leaks=off`` procsafe still stops its own
-workers at the end); `PerTestHooks` only while checks are on, so ``off`` costs nothing per test.
+workers at the end); the per-test hooks (`_testhooks`) check only while checks are on, so
+``off`` costs nothing per test.
 `Guard` starts the guardian (`_guardlink`) with the checks, tells it about every process
 the checks see, and tells it "done" once the checks' final sweep has finished.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import re
-from collections.abc import Generator
 from typing import Any
 from typing import Final
 from typing import final
@@ -22,24 +19,26 @@ from pytest_procsafe import _cutshort
 from pytest_procsafe import _forked
 from pytest_procsafe import _guardlink
 from pytest_procsafe import _leaks
-from pytest_procsafe import _marker
 from pytest_procsafe import _owned
 from pytest_procsafe import _report
 from pytest_procsafe import _summary
+from pytest_procsafe import _testhooks
 
 _GUARD: Final = pytest.StashKey["Guard"]()
 
 
 def start(config: pytest.Config, checks: _leaks.LeakChecks) -> None:
     """Turn the per-test checks on (and the guardian with them)."""
+    guard = config.stash.get(_GUARD, None)
+    if guard is not None:  # first: once the checks make this process a subreaper, a
+        guard.start()  # process started in the background would come back as its child
     checks.activate()
-    config.pluginmanager.register(PerTestHooks(checks), "procsafe-leak-tests")
+    if guard is not None:
+        guard.attach()
+    _testhooks.turn_on(config, checks)
     # pytest-forked (its entry point's name): each test may run in a forked process.
     if any(config.pluginmanager.has_plugin(name) for name in ("pytest_forked", "forked")):
         config.pluginmanager.register(ForkedHooks(checks), "procsafe-leak-forked")
-    guard = config.stash.get(_GUARD, None)
-    if guard is not None:
-        guard.start()
 
 
 @final
@@ -54,8 +53,7 @@ class Guard:
         config.stash[_GUARD] = self
 
     def start(self) -> None:
-        tracker = self._checks.tracker
-        if self._guardian is not None or tracker is None:
+        if self._guardian is not None or self._checks.tracker is not None:
             return
         settings = self._checks.settings
         guardian = _guardlink.acquire(grace=settings.kill_grace, keep=settings.cleanup == "keep")
@@ -63,8 +61,14 @@ class Guard:
             return
         self._guardian = guardian
         _owned.add_pid(guardian.pid, _owned.GUARDIAN)
-        tracker.exempt.add(guardian.pid)  # never in the final sweep
-        tracker.inert.add(guardian.pid)  # childless: the clean test's check stays cheap
+
+    def attach(self) -> None:
+        """Tell the guardian of every process the checks see from now on."""
+        guardian, tracker = self._guardian, self._checks.tracker
+        if guardian is None or tracker is None:
+            return
+        if guardian.child:  # started without a shell: never in the final sweep
+            tracker.exempt.add(guardian.pid)
         # One write per new process (none for a test that starts none): the guardian then
         # knows processes whose environment does not carry the run's token.
         tracker.on_new = lambda proc: guardian.announce(
@@ -89,42 +93,6 @@ class Guard:
             return
         if _guardlink.release(guardian, done=self._swept):  # else an outer run's, still used
             _owned.discard_pid(guardian.pid)
-
-
-def _test_where(item: pytest.Item) -> tuple[str, int]:
-    _, lineno, _ = item.location
-    return str(item.path), (lineno or 0) + 1
-
-
-# The fixtures pytest makes for xunit-style and unittest setups, and the method each runs.
-_XUNIT: Final = re.compile(
-    r"_(?:unittest|xunit)_(setUpClass|setup_class|setup_module|setUpModule)_fixture_(.+)"
-)
-
-
-def fixture_owner(fixturedef: pytest.FixtureDef[object]) -> tuple[str, tuple[str, int] | None]:
-    """How a wider-scoped fixture reads in reports, and where its warnings point.
-
-    A fixture of the user's is its name and its definition. pytest's own fixtures for
-    ``setUpClass``, ``setup_class`` and ``setup_module`` read ``TestX.setUpClass`` (not
-    ``_unittest_setUpClass_fixture_TestX``) and point at that method.
-    """
-    func = fixturedef.func
-    match = _XUNIT.fullmatch(fixturedef.argname)
-    if match is None:
-        code = getattr(func, "__code__", None)
-        where = None if code is None else (code.co_filename, code.co_firstlineno)
-        return fixturedef.argname, where
-    method, holder = match.groups()
-    where = None
-    for cell in getattr(func, "__closure__", None) or ():
-        with contextlib.suppress(ValueError):  # an empty cell
-            value = cell.cell_contents
-            code = getattr(getattr(value, "__func__", value), "__code__", None)
-            if code is not None and code.co_name == method:
-                where = (code.co_filename, code.co_firstlineno)
-                break
-    return f"{holder}.{method}", where
 
 
 @final
@@ -182,86 +150,6 @@ class SessionHooks:
             error=checks.report_error,
             failed=checks.failed,
         )
-
-
-@final
-class PerTestHooks:
-    """Per-test leak hooks: registered only when checks are on (off costs nothing)."""
-
-    def __init__(self, checks: _leaks.LeakChecks) -> None:
-        self.checks = checks
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtestloop(self) -> None:
-        self.checks.collection_done()
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        self.checks.test_start(item.nodeid, lambda: _test_where(item))
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_call(self) -> None:
-        self.checks.advance("call")
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
-        __tracebackhide__ = True  # a teardown's error shows the teardown, not this wrapper
-        self.checks.advance("teardown")
-        try:
-            result = yield
-        except (KeyboardInterrupt, pytest.exit.Exception):
-            raise  # the session's end checks this test
-        except BaseException:
-            message = self._test_end(item)
-            if message:  # keep the teardown's own error; show the leaks with it
-                item.add_report_section("teardown", "procsafe", message)
-            raise
-        message = self._test_end(item)
-        if message:
-            pytest.fail(message, pytrace=False)
-        return result
-
-    def _test_end(self, item: pytest.Item) -> str | None:
-        message = self.checks.test_end(lambda: _marker.item_settings(item))
-        if self.checks.forked:  # pytest-forked's test process: the parent takes over
-            found = self.checks.handoff()
-            if found is not None:
-                item.user_properties.append((_forked.KEY, found))
-        return message
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> None:
-        # A test that failed (a timeout, an assertion) while what it started still runs:
-        # show where each of those processes is, before its teardown stops them. A plain
-        # hook (a passing phase pays one check): the section is added before the report.
-        excinfo = call.excinfo
-        if call.when != "call" or excinfo is None:
-            return
-        if excinfo.errisinstance((pytest.skip.Exception, pytest.xfail.Exception)):
-            return
-        text = self.checks.still_running()
-        if text:
-            item.add_report_section("call", "procsafe: still running", text)
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_fixture_setup(
-        self, fixturedef: pytest.FixtureDef[object]
-    ) -> Generator[None, object, object]:
-        if fixturedef.scope == "function":
-            return (yield)
-        self.checks.fixture_enter(fixturedef, *fixture_owner(fixturedef))
-        try:
-            result = yield
-        finally:
-            self.checks.fixture_exit(fixturedef)
-        # Finalizers run last-in first-out: this one runs before the fixture's own
-        # teardown, so what that teardown leaves is the fixture's, not the test's.
-        fixturedef.addfinalizer(functools.partial(self.checks.fixture_finalizing, fixturedef))
-        return result
-
-    def pytest_fixture_post_finalizer(self, fixturedef: pytest.FixtureDef[object]) -> None:
-        if fixturedef.scope != "function":
-            self.checks.fixture_done(fixturedef)
 
 
 @final

@@ -26,6 +26,7 @@ from pytest_procsafe import _forked
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
+from pytest_procsafe import _registrations
 from pytest_procsafe import _report
 from pytest_procsafe import _running
 from pytest_procsafe import _segments
@@ -54,8 +55,13 @@ class LeakChecks(_forked.ForkedChecks):
         *,
         write_report: bool,
         tell: Callable[[str], None] | None = None,
+        where_of: Callable[[Any], Where] | None = None,
+        settings_of: Callable[[Any], Settings] | None = None,
     ) -> None:
         self.settings = settings
+        # Asked about a test (the object `test_start` was given) only when it has leaks.
+        self._where_of = where_of
+        self._settings_of = settings_of
         #: Writes to the real stderr, for what a way out without a report must say.
         self.tell = tell
         self.report = _report.Report()
@@ -65,7 +71,8 @@ class LeakChecks(_forked.ForkedChecks):
         self._hook = hook  # config.hook: pytest_procsafe_ignore, pytest_procsafe_leaks
         self._write_report = write_report
         self._session = Owner("session", "session")
-        self._test: Owner | None = None
+        self._test: Owner | None = None  # made only once the running test has a process
+        self._running: tuple[str, Any] | None = None  # the running test: nodeid, object
         self._phase = "collection"
         self._stack: list[Owner] = []  # wider-scoped fixtures being set up
         self._fixtures: dict[object, Owner] = {}
@@ -80,6 +87,7 @@ class LeakChecks(_forked.ForkedChecks):
         #: This is a test process pytest-forked forked from the session's (`reroot`).
         self.forked = False
         self._handoff: list[dict[str, object]] = []  # its records, for the parent
+        self._signal = 0  # births + registrations at the last folded look at /dev/shm
         #: The pids the last process check reported, by owner: their segments go with them.
         self._leaking: dict[Owner, set[int]] = {}
 
@@ -93,14 +101,42 @@ class LeakChecks(_forked.ForkedChecks):
                 self.segments = _segments.SegmentWatch(self.tracker.root)
 
     def _current(self) -> Owner:
-        return self._stack[-1] if self._stack else self._test or self._session
+        if self._stack:
+            return self._stack[-1]
+        return self._test_owner() or self._session
 
-    def _observe(self, owner: Owner, phase: str) -> Tracker | None:
-        if self.tracker is not None:
-            self.tracker.observe(owner, phase)
-        if self.segments is not None:
-            self.segments.observe(owner, phase)
-        return self.tracker
+    def _test_owner(self) -> Owner | None:
+        """The running test's owner, made on first use: a clean test never needs one."""
+        if self._test is None and self._running is not None:
+            nodeid, test = self._running
+            where_of = self._where_of
+            where = None if where_of is None else (lambda: where_of(test))
+            self._test = Owner(nodeid, "test", where)
+        return self._test
+
+    def _observe(self, owner: Owner | None, phase: str, *, always: bool = True) -> Tracker | None:
+        """One observation: a ``waitid`` (and an ``fstat``) when nothing changed, and no
+        owner made then; the walks otherwise. Unless *always*, ``/dev/shm`` is looked at
+        only when something could have made an entry: a process of this tree, or a
+        registration of this process's (`_registrations`); its phases' ends skip it
+        otherwise, and the test's end always looks."""
+        tracker = self.tracker
+        if tracker is None:
+            return None
+        busy = tracker.busy()
+        if busy:
+            tracker.observe(owner or self._current(), phase)
+        segments = self.segments
+        if segments is None:
+            return tracker
+        if not (always or busy):
+            signal = tracker.births + _registrations.changes
+            if signal == self._signal:
+                return tracker
+            self._signal = signal
+        if segments.changed():
+            segments.observe(owner or self._current(), phase)
+        return tracker
 
     # --- the hooks' entry points ----------------------------------------------------------
 
@@ -108,37 +144,46 @@ class LeakChecks(_forked.ForkedChecks):
         self._observe(self._session, "collection")
         self._phase = "session"
 
-    def test_start(self, nodeid: str, where: Callable[[], Where]) -> None:
+    @property
+    def testing(self) -> bool:
+        """Whether a test started and has not been checked yet."""
+        return self._running is not None
+
+    def test_start(self, nodeid: str, test: object = None) -> None:
+        """A test's setup starts; *test* is what ``where_of`` and ``settings_of`` are
+        asked about, if it leaks."""
         tracker = self.tracker
-        if tracker is not None and os.getpid() != tracker.root:
+        if tracker is not None and _proctable.SELF[0] != tracker.root:
             self.reroot()
-        self._test = Owner(nodeid, "test", where)
+        self._test = None
+        self._running = (nodeid, test)
         self._phase = "setup"
 
-    def advance(self, phase: str) -> None:
-        """The test's previous phase ended (``phase`` starts)."""
-        if self.tracker is not None:  # inlined: this runs twice for every test
-            self.tracker.observe(self._test or self._session, self._phase)
-        if self.segments is not None:
-            self.segments.observe(self._test or self._session, self._phase)
-        self._phase = phase
+    def phase_end(self, phase: str, *, then: str) -> None:
+        """The test's *phase* ended (*then* starts: ``call`` or ``teardown``)."""
+        self._observe(None, phase, always=False)
+        self._phase = then
 
-    def test_end(self, settings: Callable[[], Settings]) -> str | None:
+    def test_end(self) -> str | None:
         """Check the test that just tore down; the failure text under ``leaks=fail``."""
-        owner, self._test = self._test, None
+        running, self._running = self._running, None
         tracker = self.tracker
-        if owner is None or tracker is None:
+        if running is None or tracker is None:
             return None
-        tracker.observe(owner, self._phase)
+        self._observe(None, self._phase)
+        owner, self._test = self._test, None
         phase, self._phase = self._phase, "session"
+        if owner is None:  # nothing was ever seen under it
+            return None
+        settings = self.settings if self._settings_of is None else self._settings_of(running[1])
         message = None
         if tracker.has_candidates(owner):
-            message = self._check(owner, settings(), test=True)
+            message = self._check(owner, settings, test=True)
         # After the processes' cleanup: a leaked child killed now leaves its semaphores.
         if self.segments is not None:
             self.segments.observe(owner, phase)
             if self.segments.has_candidates(owner):
-                more = self._check_segments(owner, settings(), test=True)
+                more = self._check_segments(owner, settings, test=True)
                 message = "\n\n".join(text for text in (message, more) if text) or None
         return message
 
@@ -150,6 +195,7 @@ class LeakChecks(_forked.ForkedChecks):
         self._stack.append(owner)
 
     def fixture_exit(self, key: object) -> None:
+        """A wider-scoped fixture's setup ended (or failed)."""
         owner = self._fixtures.get(key)
         if owner is not None and self._stack and self._stack[-1] is owner:
             self._observe(owner, "setup")
@@ -243,7 +289,7 @@ class LeakChecks(_forked.ForkedChecks):
         """What the running test started and is still running, with stacks: for a test
         that failed (a timeout, an assertion) while its children ran."""
         if self.tracker is None or self._test is None:
-            return None
+            return None  # nothing was ever seen under the running test
         return _running.describe(self.tracker, self._test, self._phase)
 
     def emergency(self) -> None:

@@ -33,6 +33,18 @@ _WAITID: Final = all(
     hasattr(os, name) for name in ("waitid", "P_ALL", "WEXITED", "WNOHANG", "WNOWAIT")
 )
 
+#: This process's pid, kept current in forked children by an at-fork hook: the per-test
+#: path reads it instead of calling ``os.getpid()`` (a system call) each time.
+SELF: Final = [os.getpid()]
+
+
+def _after_fork_in_child() -> None:
+    SELF[0] = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 #: At most this many descendants keep their procfs files open between scans (two fds
 #: each): beyond that, scans read by path, so procsafe never eats much of a test's fds.
 CACHED: Final = 64
@@ -159,7 +171,7 @@ class ProcTable:
         ``ECHILD`` means no thread of this process has a child, living or zombie, so
         there are no descendants either (orphans are re-parented to us as children).
         """
-        if not _WAITID or self.root != os.getpid():
+        if not _WAITID or self.root != SELF[0]:
             return False
         try:
             os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -168,14 +180,6 @@ class ProcTable:
         except OSError:
             return False
         return False
-
-    def children_within(self, pids: Collection[int]) -> bool:
-        """True when every child of the root is among *pids* (one ``fstat`` and one
-        ``pread`` for a single-threaded root): with *pids* childless by design (the
-        guardian), nothing new exists anywhere below."""
-        if not LINUX or not self.fast:
-            return False
-        return all(pid in pids for pid in self._root_children())
 
     def tree(self, prune: Collection[int] = ()) -> dict[int, int]:
         """``{pid: ppid}`` for every descendant; the subtrees under *prune* are not walked."""

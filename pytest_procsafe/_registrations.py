@@ -36,6 +36,9 @@ KINDS: Final = ("shared_memory", "semaphore")
 
 #: POSIX name -> kind, registered by the test process and not unregistered since.
 REGISTERED: dict[str, str] = {}
+#: How many registrations and unregistrations the test process made (a cheap "anything
+#: new?" for the leak checks' phase observations).
+changes = 0
 #: The log children append to, and the process that keeps `REGISTERED` (the test process).
 _STATE: dict[str, Any] = {"log": None, "root": None}
 
@@ -44,6 +47,8 @@ def _note(sign: str, name: object, rtype: object) -> None:
     if rtype not in KINDS or not isinstance(name, str):
         return
     if os.getpid() == _STATE["root"]:
+        global changes
+        changes += 1
         if sign == "+":
             REGISTERED[name] = str(rtype)
         else:

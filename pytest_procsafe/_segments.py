@@ -186,13 +186,18 @@ class SegmentWatch:
 
     # --- observing --------------------------------------------------------------------
 
+    def changed(self) -> bool:
+        """Whether the entries may have changed since the last `observe`: False costs one
+        ``fstat`` (an entry made or removed moves the directory's ctime)."""
+        if not self.listing:
+            return True
+        return os.fstat(self._fd).st_ctime_ns != self._ctime or self._racy
+
     def observe(self, owner: object, phase: str) -> None:
         """Give new entries to *owner*; forget those that are gone."""
         if self.listing:
-            info = os.fstat(self._fd)
-            # An entry made or removed moves the directory's ctime (with its mtime).
-            ctime = info.st_ctime_ns
-            if ctime == self._ctime and not self._racy:  # the clean test's whole cost
+            ctime = os.fstat(self._fd).st_ctime_ns
+            if ctime == self._ctime and not self._racy:  # nothing changed
                 return
             self._ctime = ctime
             self._racy = time.clock_gettime_ns(_CLOCK) - ctime < RACY

@@ -28,6 +28,7 @@ from pytest_procsafe import _machinery
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
 from pytest_procsafe import _reaper
+from pytest_procsafe._guardian import MARK
 from pytest_procsafe._ledger import Found
 from pytest_procsafe._ledger import Ledger
 from pytest_procsafe._ledger import Owner
@@ -75,15 +76,15 @@ class Tracker:
         self.seen: dict[int, Seen] = {}
         self.exempt: set[int] = set()  # never candidates again (ignored, machinery)
         self.prune: set[int] = set()  # subtrees not walked (execnet)
-        #: Children that never have children of their own (the guardian): exempt, and no
-        #: reason to walk the tree while they are all there is.
-        self.inert: set[int] = set()
         self._ledger: Ledger[Owner, int] = Ledger()
         self._direct: dict[int, float] = {}  # pid -> start time, forked by this process
         self._created: dict[int, str] = {}  # pid -> where the user's code started it
         self._holders: dict[tuple[int, float], str | None] = {}  # (pid, start) -> holder
         self._adopted: dict[int, float] = {}  # pid -> start: reported elsewhere (`adopt`)
         self._spared: dict[int, float] = {}  # pid -> start: not reported, still swept
+        self._guardians: set[int] = set()  # other runs' guardians re-parented here
+        #: Children this process was seen starting (any launcher, forks), ever.
+        self.births = 0
         #: Told of every descendant when it is first seen (the guardian's announcements).
         self.on_new: Callable[[Proc], object] | None = None
         self._pre_fork: set[int] = set()
@@ -111,6 +112,7 @@ class Tracker:
         """A child started here (`_births`): note where, and that it is a direct one."""
         if os.getpid() != self.root:
             return
+        self.births += 1
         if where is not None:
             self._created[pid] = where
         if direct:
@@ -137,6 +139,7 @@ class Tracker:
         # One fork makes one child. Anything else new is a grandchild re-parented to us
         # meanwhile (its parent forked it and exited at once): it was born later.
         child = min(born, key=lambda proc: (proc.start, proc.pid))
+        self.births += 1
         self._direct[child.pid] = child.start
         at = _births.where(2)  # above this hook: os.fork's caller and up
         if at is not None:
@@ -146,19 +149,15 @@ class Tracker:
 
     # --- observing ----------------------------------------------------------------------
 
+    def busy(self) -> bool:
+        """Whether there is anything to observe: False costs one ``waitid`` (no child, and
+        none known), the clean test's whole cost."""
+        return bool(self.seen) or not self.table.quiet()
+
     def observe(self, owner: Owner, phase: str) -> None:
         """Give every descendant not seen before to *owner*; forget those that are gone."""
         seen = self.seen
-        if not seen and self.table.quiet():  # the clean test's whole cost
-            return
-        inert = self.inert
-        # Only childless helpers of procsafe's own (the guardian) below: nothing to see.
-        if (
-            inert
-            and len(seen) <= len(inert)
-            and all(pid in inert for pid in seen)
-            and self.table.children_within(inert)
-        ):
+        if not seen and self.table.quiet():
             return
         tree = self.table.tree(self.prune)
         # A known pid under the same parent is taken to be the same process: pids are
@@ -169,6 +168,8 @@ class Tracker:
             if entry is not None and (entry.ppid == ppid or self._moved(entry, ppid)):
                 continue
             self._add(pid, ppid, owner, phase)
+        if self._guardians:
+            self._reap_guardians()
         if len(seen) > len(tree):
             for pid in [pid for pid in seen if pid not in tree]:
                 self._forget(pid)
@@ -191,9 +192,17 @@ class Tracker:
             self.seen[pid] = Seen(proc, None, "forked", ppid)
             self.exempt.add(pid)
             return
-        if pid in self.inert:  # procsafe's own helper, first walked in some test: no one's
-            self.seen[pid] = Seen(proc, None, phase, ppid)
-            return
+        # Re-parented here, not started here: perhaps the guardian of a pytest run inside
+        # this one (a pytester subprocess, an xdist worker), sent to this subreaper as it
+        # started. Not this run's process: it stops once its own run is gone.
+        command = None
+        if ppid == self.root and (owner.scope == "session" or pid not in self._direct):
+            command = " ".join(_proctable.cmdline(pid))
+            if MARK in command:  # in every guardian's command line
+                self.seen[pid] = Seen(proc, None, phase, ppid)
+                self.exempt.add(pid)
+                self._guardians.add(pid)
+                return
         self.seen[pid] = entry = Seen(proc, owner, phase, ppid)
         if self.on_new is not None:
             self.on_new(proc)
@@ -205,15 +214,23 @@ class Tracker:
             return
         # Outside tests only: xdist starts its gateways then, and reading the command line
         # of every new child inside tests would cost for nothing.
-        if (
-            owner.scope == "session"
-            and ppid == self.root
-            and EXECNET in " ".join(_proctable.cmdline(pid))
-        ):
+        if owner.scope == "session" and command is not None and EXECNET in command:
             self.exempt.add(pid)
             self.prune.add(pid)
             return
         self._ledger.add(owner, pid)
+
+    def _reap_guardians(self) -> None:
+        """Reap the other runs' guardians re-parented here that have exited: nobody else
+        will (they are never candidates)."""
+        for pid in list(self._guardians):
+            entry = self.seen.get(pid)
+            current = None if entry is None else _proctable.same(entry.proc)
+            if current is None:
+                self._guardians.discard(pid)
+            elif current.zombie:
+                _reaper.reap([current], self.root)
+                self._guardians.discard(pid)
 
     def _forget(self, pid: int) -> None:
         entry = self.seen.pop(pid, None)

@@ -27,6 +27,7 @@ from pytest_procsafe import _leaks
 from pytest_procsafe import _marker
 from pytest_procsafe import _methods
 from pytest_procsafe import _sigterm
+from pytest_procsafe import _testhooks
 
 if TYPE_CHECKING:
     # Imported by the fixtures that need them: a run that starts no worker does not pay
@@ -89,13 +90,9 @@ def pytest_configure(config: pytest.Config) -> None:
         cli, ini, check_report=not _config.is_xdist_worker(config)
     )
     config.pluginmanager.register(_cutshort.Hooks(config), "procsafe-cutshort")
+    _testhooks.register(config)
     _configure_workers(config)
     _configure_leaks(config)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    _marker.check(item)  # a bad procsafe marker is this test's error
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -326,24 +323,6 @@ def mp_manager(mp_channels: Channels) -> SyncManager:
     return mp_channels.manager(name="mp_manager")
 
 
-# --- pickling failures ------------------------------------------------------------------
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
-    # A failure to pickle a start, a Pool or ProcessPoolExecutor task or a message gets a
-    # note saying which part, why and what to do (the start wrapper of `_births` notes a
-    # start as it fails; this notes what failed in a pool's thread, seen only by get() or
-    # result()). A passing phase pays one attribute check.
-    if call.excinfo is None:
-        return
-    from pytest_procsafe import _pickling
-
-    unshown = _pickling.explain(call.excinfo.value)
-    if unshown is not None:  # Python 3.10 without the notes backport's formatting
-        item.add_report_section(call.when, "procsafe", unshown)
-
-
 # --- leak checks ------------------------------------------------------------------------
 
 
@@ -377,6 +356,8 @@ def _configure_leaks(config: pytest.Config) -> None:
         config.hook,
         write_report=not _config.is_xdist_worker(config),
         tell=_teller(config),
+        where_of=_testhooks.test_where,
+        settings_of=_marker.item_settings,
     )
     config.stash[_LEAKS_KEY] = checks
     # Cleanups run last registered first: the guardian is told "done" only after the

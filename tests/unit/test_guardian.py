@@ -195,9 +195,30 @@ def test_the_guardian_outlives_ctrl_c_sigterm_and_hangup(guardian: _guardlink.Gu
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         os.kill(guardian.pid, signum)
     time.sleep(0.3)
-    assert guardian.process.poll() is None
+    assert not guardian.exited()
     guardian.close(done=True)
-    assert guardian.process.returncode == 0
+    assert guardian.exited()
+
+
+def test_the_guardian_is_not_the_test_process_s_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started in a shell's background: a test that starts nothing still has no child at
+    all, which keeps its leak check to one ``waitid`` per phase."""
+    monkeypatch.setenv(_guardian.VARIABLE, "")
+    previous = _proctable.set_subreaper(False)  # as a pytest not yet checking leaks
+    try:
+        started = _guardlink.spawn(grace=GRACE, keep=False)
+    finally:
+        if previous is not None:
+            _proctable.set_subreaper(previous)
+    assert started is not None
+    try:
+        assert not started.child
+        assert proc(started.pid).ppid != os.getpid()
+        assert started.pid not in _proctable.children(os.getpid())
+        assert _guardian.MARK in " ".join(_proctable.cmdline(started.pid))
+    finally:
+        started.close(done=True)
+    assert started.exited()
 
 
 def test_forked_children_drop_the_guardian(guardian: _guardlink.Guardian) -> None:

@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import types
@@ -31,6 +32,8 @@ from leakkit import wait_until
 
 from pytest_procsafe import LeakedProcess
 from pytest_procsafe import ProcessLeakWarning
+from pytest_procsafe import _guardian
+from pytest_procsafe import _guardlink
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
 from pytest_procsafe import _sigterm
@@ -84,7 +87,13 @@ def make_checks() -> Iterator[Callable[..., LeakChecks]]:
     def make(
         hooks: Hooks | None = None, *, write_report: bool = False, **changes: object
     ) -> LeakChecks:
-        checks = LeakChecks(settings(**changes), hooks or Hooks(), write_report=write_report)
+        checks = LeakChecks(
+            settings(**changes),
+            hooks or Hooks(),
+            write_report=write_report,
+            where_of=lambda test: (__file__, 1),
+            settings_of=lambda test: test or checks.settings,
+        )
         checks.activate()
         checks.collection_done()
         made.append(checks)
@@ -99,11 +108,11 @@ def run_test(
     checks: LeakChecks, start: Callable[[], object], test_settings: Settings | None = None
 ) -> str | None:
     """One test's protocol as the plugin's hooks drive it; *start* runs in its call."""
-    checks.test_start("test_x.py::test_x", lambda: (__file__, 1))
-    checks.advance("call")
+    checks.test_start("test_x.py::test_x", test_settings)
+    checks.phase_end("setup", then="call")
     start()
-    checks.advance("teardown")
-    return checks.test_end(lambda: test_settings or checks.settings)
+    checks.phase_end("call", then="teardown")
+    return checks.test_end()
 
 
 # --- the tracker: owners and kinds --------------------------------------------------------
@@ -123,18 +132,30 @@ def test_each_process_belongs_to_the_owner_it_was_first_seen_under(
     assert tracker.take(test) == []  # each owner is checked once
 
 
-def test_an_inert_helper_first_walked_in_a_test_is_nobody_s(kids: Kids, tracker: Tracker) -> None:
-    """The guardian is skipped while it is alone; when a test's child makes the tree be
-    walked, the guardian is not that test's process (nor in its still-running section)."""
-    test = Owner("t", "test")
-    helper = kids.sleeper()
-    tracker.exempt.add(helper.pid)
-    tracker.inert.add(helper.pid)
-    tracker.observe(test, "setup")  # the helper alone: nothing walked
-    child = kids.sleeper()
-    tracker.observe(test, "call")
-    assert [proc.pid for proc in tracker.live(test)] == [child.pid]
-    assert [entry.proc.pid for entry in tracker.take(test)] == [child.pid]
+def test_another_run_s_guardian_sent_here_is_nobody_s_and_reaped(tracker: Tracker) -> None:
+    """A pytest run inside this one starts its guardian in the background: re-parented
+    to this subreaper, it is never a leak nor swept, and is reaped once it exits."""
+    previous = _proctable.set_subreaper(True)
+    try:
+        started = _guardlink._detached(
+            [sys.executable, "-c", f"import time; time.sleep(60)  # {_guardian.MARK}"],
+            {"stdin": subprocess.DEVNULL, "start_new_session": True},
+        )
+        assert started is not None
+        try:
+            assert proc(started.pid).ppid == ROOT  # the shell has exited: re-parented here
+            test = Owner("t", "test")
+            tracker.observe(test, "call")
+            assert tracker.take(test) == []
+            assert started.pid not in [p.pid for p in tracker.leftovers()]
+        finally:
+            os.kill(started.pid, signal.SIGKILL)
+        wait_until(lambda: proc(started.pid).zombie, "the guardian stand-in exited")
+        tracker.observe(Owner("t2", "test"), "call")
+        assert _proctable.stat(started.pid) is None  # reaped by the observation
+    finally:
+        if previous is not None:
+            _proctable.set_subreaper(previous)
 
 
 def test_a_nested_tracker_leaves_what_ran_before_it_alone(kids: Kids) -> None:
@@ -345,7 +366,7 @@ def test_close_stops_what_no_check_reached(
     kids: Kids, make_checks: Callable[..., LeakChecks]
 ) -> None:
     checks = make_checks()
-    checks.test_start("test_x.py::test_interrupted", lambda: (__file__, 1))
+    checks.test_start("test_x.py::test_interrupted")
     started = kids.sleeper().pid
     checks.close()  # as at unconfigure after an internal error: no session end
     assert _proctable.stat(started) is None
