@@ -29,6 +29,7 @@ from typing import final
 
 import pytest
 
+from pytest_procsafe import _forked
 from pytest_procsafe import _leaks
 from pytest_procsafe import _marker
 
@@ -146,7 +147,7 @@ class Checked:
         elif excinfo is not None and checks.testing:
             # The teardown raised before `pytest_runtest_teardown` below could check:
             # keep its own error, and show the leaks with it.
-            message = checks.test_end()
+            message = self._test_end(item)
             if message:
                 item.add_report_section("teardown", "procsafe", message)
         if excinfo is None:
@@ -163,9 +164,18 @@ class Checked:
 
     @pytest.hookimpl(trylast=True)  # after pytest's own: the fixtures are torn down
     def pytest_runtest_teardown(self, item: pytest.Item) -> None:
-        message = self.checks.test_end()
+        message = self._test_end(item)
         if message:
             pytest.fail(message, pytrace=False)
+
+    def _test_end(self, item: pytest.Item) -> str | None:
+        checks = self.checks
+        message = checks.test_end()
+        if checks.forked:  # pytest-forked's test process: the parent takes over
+            found = checks.handoff()
+            if found is not None:
+                item.user_properties.append((_forked.KEY, found))
+        return message
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef[object]) -> None:

@@ -250,3 +250,78 @@ def test_a_test_that_fails_while_holding_a_pool_still_leaked_it(
     result.stdout.fnmatch_lines(
         ["*test_failing.py::test_fails_holding_a_pool left 1 process behind*"]
     )
+
+
+ORDERINGS = """
+import os
+import subprocess
+import sys
+
+import pytest
+
+SLEEP = [sys.executable, "-c", f"import time; time.sleep({os.environ.get('E2E_SLEEP', 60)})"]
+
+
+@pytest.fixture(scope="session")
+def base():
+    subprocess.Popen(SLEEP)  # base's setup
+    yield
+    subprocess.Popen(SLEEP)  # base's teardown, at the session's end
+
+
+@pytest.fixture(scope="module", params=[1, 2])
+def dependent(request, base):
+    # Set up after base (its dependency): finalized before base, and again when its
+    # parameter changes, inside the next test's setup.
+    yield request.param
+    subprocess.Popen(SLEEP)
+
+
+@pytest.fixture(scope="module")
+def nested(request):
+    request.getfixturevalue("base")  # base's whole setup runs inside this one's
+    yield
+    subprocess.Popen(SLEEP)
+
+
+@pytest.fixture
+def per_test():
+    subprocess.Popen(SLEEP)  # a function-scoped fixture's: the test's own
+
+
+def test_dependent(dependent, per_test):
+    pass
+
+
+def test_nested(nested):
+    pass
+"""
+
+
+@pytest.mark.parametrize("mode", ["warn", "fail"])
+def test_wider_fixtures_own_what_their_setups_and_finalizers_leave(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Dependencies, a parameter change that finalizes a fixture inside the next test's
+    setup, and a setup nested in another (``getfixturevalue``): each process goes to the
+    fixture whose setup or finalizer started it, and the tests own only their own."""
+    pytester.makepyfile(test_orderings=ORDERINGS)
+    report = pytester.path / "leaks.json"
+    with no_survivors(monkeypatch):
+        result = run(
+            pytester, f"--procsafe-leaks={mode}", f"--procsafe-report={report}", "-p", "no:randomly"
+        )
+    if mode == "fail":  # the tests' own leaks error their teardowns; the fixtures', the run
+        result.assert_outcomes(passed=3, errors=2)
+    else:
+        result.assert_outcomes(passed=3, warnings=6)
+    found = sorted((str(r["owner"]), str(r["phase"])) for r in _records(report))
+    assert found == [
+        ("fixture base", "setup"),
+        ("fixture base", "teardown"),
+        ("fixture dependent", "teardown"),
+        ("fixture dependent", "teardown"),
+        ("fixture nested", "teardown"),
+        ("test_orderings.py::test_dependent[1]", "setup"),
+        ("test_orderings.py::test_dependent[2]", "setup"),
+    ], found
