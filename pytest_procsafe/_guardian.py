@@ -20,7 +20,8 @@ Which processes are the run's (chosen so that nothing else is ever signalled):
 
 Why not the process tree alone: once pytest is gone, its children are re-parented to
 pytest's nearest subreaper ancestor or to init, and the kernel keeps no record of where
-they came from. The guardian is no subreaper either: it is pytest's child, not an
+they came from. The guardian is no subreaper either: started in a shell's background, it
+is nobody's child in the run (pytest's nearest subreaper or init adopts it), not an
 ancestor of the run's processes, so nothing is ever re-parented to it. The token and the
 announced pids and start times are what still find the run's processes, wherever they
 went. Announcements travel over the same pipe that tells of pytest's end rather than
@@ -42,10 +43,11 @@ close their copy of the pipe's write end (an at-fork hook), so they never hide t
 The guardian starts in a session of its own with SIGINT, SIGTERM and SIGHUP blocked: a
 Ctrl-C, a terminal hang-up or a CI job's SIGTERM to pytest's process group ends pytest and
 leaves the guardian to finish the job. It is registered in `_owned`, so the leak checks
-never report it. This module is the guardian process; `_guardlink` is the test process's
+never report it; the guardian of a pytest run inside this one, which this subreaper
+adopts, is nobody's here (`_tracker`): never reported or swept, reaped once it exits. This module is the guardian process; `_guardlink` is the test process's
 side (starting it, announcing, ``done``). It imports the process table and the one
 escalation routine only, and runs with ``-I -S`` on Linux: it starts in milliseconds and
-costs the test process one ``Popen`` (under a millisecond).
+costs the test process one short-lived ``sh`` (a few milliseconds).
 """
 
 from __future__ import annotations

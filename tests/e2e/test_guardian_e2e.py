@@ -287,16 +287,25 @@ GUARDED = f"""
 
 
     def command(pid):
-        with open(f"/proc/{{pid}}/cmdline", "rb") as file:
-            return file.read().replace(b"\\0", b" ").decode()
+        try:
+            with open(f"/proc/{{pid}}/cmdline", "rb") as file:
+                return file.read().replace(b"\\0", b" ").decode()
+        except OSError:
+            return ""
 
 
     def test_guardians():
-        guardians = [pid for pid in children() if {_guardian.MARK!r} in command(pid)]
-        assert len(guardians) == int(os.environ["GUARDIANS"]), guardians
         # Its own token (the outer run's is inherited): "<pid>-<random>".
-        own = os.environ.get("{_guardian.VARIABLE}", "").startswith(f"{{os.getpid()}}-")
+        token = os.environ.get("{_guardian.VARIABLE}", "")
+        own = token.startswith(f"{{os.getpid()}}-")
+        guardians = [
+            pid for pid in os.listdir("/proc")
+            if pid.isdigit() and {_guardian.MARK!r} in command(pid) and own and token in command(pid)
+        ]
+        assert len(guardians) == int(os.environ["GUARDIANS"]), guardians
         assert own == (guardians != [])
+        # Started in a shell's background: not this process's child.
+        assert not [pid for pid in children() if {_guardian.MARK!r} in command(pid)]
 """
 
 
