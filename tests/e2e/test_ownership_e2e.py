@@ -308,9 +308,7 @@ def test_wider_fixtures_own_what_their_setups_and_finalizers_leave(
     pytester.makepyfile(test_orderings=ORDERINGS)
     report = pytester.path / "leaks.json"
     with no_survivors(monkeypatch):
-        result = run(
-            pytester, f"--procsafe-leaks={mode}", f"--procsafe-report={report}", "-p", "no:randomly"
-        )
+        result = run(pytester, f"--procsafe-leaks={mode}", f"--procsafe-report={report}")
     if mode == "fail":  # the tests' own leaks error their teardowns; the fixtures', the run
         result.assert_outcomes(passed=3, errors=2)
     else:
