@@ -14,7 +14,9 @@ implementation per hook, in one of two objects (``plugin.py`` registers `Plain`;
 
 A wider-scoped fixture's setup is entered in ``pytest_fixture_setup`` and known to be over
 at the next event (another fixture's setup, the end of the test's setup, a finalization):
-its ``cached_result`` is set by then. Two finalizers on the fixture mark its finalization:
+its ``cached_result`` is set by then. (So a process a wider fixture starts after asking
+for another one with ``request.getfixturevalue`` is that other fixture's: both are
+fixtures of the run, never the test.) Two finalizers on the fixture mark its finalization:
 one added when its setup starts (it runs last, after the fixture's own teardown: the
 fixture is done) and one when its setup is over (it runs first: its finalization starts).
 """
