@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from collections.abc import Mapping
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -32,13 +33,35 @@ class Result:
     target: str
     met: bool
     detail: str
+    #: Whether the suites' runs had bytecode caches (as an installed package does).
+    bytecode_cached: bool = True
+    #: The 1-minute load average before and after the case (`with_load`).
+    load_before: float | None = None
+    load_after: float | None = None
+    #: Load above the CPU count at either end: not a result to record.
+    loaded: bool = False
+
+
+def with_load(results: Sequence[Result], before: float, after: float) -> list[Result]:
+    """*results* with the machine's load around the case that made them."""
+    cpus = os.cpu_count() or 1
+    return [
+        dataclasses.replace(
+            result,
+            load_before=round(before, 2),
+            load_after=round(after, 2),
+            loaded=max(before, after) > cpus,
+        )
+        for result in results
+    ]
 
 
 # --- running pytest ---------------------------------------------------------------------
 
 
 def env(**extra: str) -> dict[str, str]:
-    """The suites' environment: this checkout's procsafe first, no plugin autoloading."""
+    """The suites' environment: this checkout's procsafe first, no plugin autoloading
+    (``PYTEST_DISABLE_PLUGIN_AUTOLOAD=""`` in *extra* turns it back on)."""
     out = dict(os.environ)
     paths = [str(SUITES), str(SRC), out.get("PYTHONPATH", "")]
     out["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
@@ -69,11 +92,23 @@ class Usage:
     rss: float
 
 
-def run(cmd: Sequence[str], cwd: Path, *, ok: Sequence[int] = (0,), **extra: str) -> Usage:
-    """Run *cmd* and measure it (its own rusage, children it waited for included)."""
+def run(
+    cmd: Sequence[str],
+    cwd: Path,
+    *,
+    ok: Sequence[int] = (0,),
+    environ: Mapping[str, str] | None = None,
+    **extra: str,
+) -> Usage:
+    """Run *cmd* and measure it (its own rusage, children it waited for included); the
+    suites' environment with *environ* and *extra* on top."""
     start = time.perf_counter()
     process = subprocess.Popen(
-        cmd, cwd=cwd, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        cmd,
+        cwd=cwd,
+        env=env(**{**(environ or {}), **extra}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     assert process.stdout is not None
     output = process.stdout.read()
@@ -103,15 +138,23 @@ class Pair:
     samples: dict[str, list[float]]
 
 
-def compare(base: Sequence[str], variant: Sequence[str], cwd: Path, repeats: int) -> Pair:
+def compare(
+    base: Sequence[str],
+    variant: Sequence[str],
+    cwd: Path,
+    repeats: int,
+    extra: Mapping[str, str] | None = None,
+) -> Pair:
+    """Both commands side by side (*extra*: more environment for both)."""
     commands = {"base": base, "variant": variant}
+    more = dict(extra or {})
     if repeats > 1:  # --quick only smoke-tests the runner: its numbers are not results
         for cmd in commands.values():
-            run(cmd, cwd)  # warm the page cache and the bytecode caches
+            run(cmd, cwd, environ=more)  # warm the page cache and the bytecode caches
     runs: dict[str, list[Usage]] = {"base": [], "variant": []}
     for order in abba(repeats):
         for key in order:
-            runs[key].append(run(commands[key], cwd))
+            runs[key].append(run(commands[key], cwd, environ=more))
 
     def median(key: str) -> Usage:
         return Usage(
@@ -179,7 +222,13 @@ def machine() -> dict[str, Any]:
 def table(results: Sequence[Result]) -> str:
     rows = [("case", "value", "target", "met", "detail")]
     rows += [
-        (r.case, f"{r.value:g}{r.unit}", r.target, "yes" if r.met else "NO", r.detail)
+        (
+            r.case,
+            f"{r.value:g}{r.unit}",
+            r.target,
+            ("yes" if r.met else "NO") + (" (loaded)" if r.loaded else ""),
+            r.detail,
+        )
         for r in results
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

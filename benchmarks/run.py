@@ -46,6 +46,7 @@ from measure import machine
 from measure import pytest_cmd
 from measure import run
 from measure import table
+from measure import with_load
 from measure import write_trivial_suite
 
 if str(SRC) not in sys.path:
@@ -114,6 +115,17 @@ def overhead(pair: Pair, count: int) -> str:
     )
 
 
+def _autoloaded() -> list[str]:
+    """The pytest plugins installed here that a user's run would load (procsafe aside)."""
+    from importlib import metadata
+
+    names = {
+        entry.dist.name if entry.dist is not None else entry.name
+        for entry in metadata.entry_points(group="pytest11")
+    }
+    return sorted(name for name in names if name.lower() != "pytest-procsafe")
+
+
 def bench_trivial(sizes: Sizes, work: Path) -> list[Result]:
     write_trivial_suite(work, sizes.trivial)
     off = pytest_cmd("-p", "no:procsafe")
@@ -134,6 +146,45 @@ def bench_trivial(sizes: Sizes, work: Path) -> list[Result]:
                 overhead(pair, sizes.trivial),
             )
         )
+    # As users run it: the plugins they have installed load too (pytest-xdist, pytest-cov,
+    # pytest-timeout with this project's test extra), and procsafe through its entry point.
+    plugins = _autoloaded()
+    pair = compare(
+        off,
+        pytest_cmd("--procsafe-leaks=warn"),
+        work,
+        sizes.repeats,
+        {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": ""},
+    )
+    log("trivial warn, autoloaded plugins", pair.samples)
+    results.append(
+        at_most(
+            f"{sizes.trivial} trivial tests, leaks=warn, autoloaded plugins",
+            pair.base.wall,
+            pair.variant.wall,
+            1.03,
+            f"{overhead(pair, sizes.trivial)}; plugins: {', '.join(plugins) or 'none'}",
+        )
+    )
+    # As some CI machines run it: no bytecode written or read (an empty cache prefix).
+    prefix = work / "no-pycache"
+    prefix.mkdir()
+    pair = compare(
+        off,
+        pytest_cmd("-p", "procsafe", "--procsafe-leaks=warn"),
+        work,
+        sizes.repeats,
+        {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(prefix)},
+    )
+    log("trivial warn, no bytecode cache", pair.samples)
+    result = at_most(
+        f"{sizes.trivial} trivial tests, leaks=warn, no bytecode cache",
+        pair.base.wall,
+        pair.variant.wall,
+        1.03,
+        overhead(pair, sizes.trivial),
+    )
+    results.append(dataclasses.replace(result, bytecode_cached=False))
     assert memory is not None
     base_rss, variant_rss = memory.base.rss, memory.variant.rss
     results.append(
@@ -609,7 +660,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             work = Path(tmp) / name
             work.mkdir()
-            results.extend(CASES[name](sizes, work))
+            before = os.getloadavg()[0]
+            made = CASES[name](sizes, work)
+            results.extend(with_load(made, before, os.getloadavg()[0]))
     print(table(results))
     missed = [r.case for r in results if not r.met]
     payload = {

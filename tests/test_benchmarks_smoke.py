@@ -39,6 +39,8 @@ def test_the_quick_run_measures_every_case(tmp_path: Path) -> None:
     expected = [
         r"\d+ trivial tests, leaks=warn",
         r"\d+ trivial tests, leaks=fail",
+        r"\d+ trivial tests, leaks=warn, autoloaded plugins",
+        r"\d+ trivial tests, leaks=warn, no bytecode cache",
         r"peak memory, \d+ tests",
         r"\d+ tests under -n 2",
         r"leak scan, 50 live children",
@@ -61,6 +63,15 @@ def test_the_quick_run_measures_every_case(tmp_path: Path) -> None:
         assert isinstance(result["value"], (int, float)), result
         assert result["value"] > 0, result
         assert isinstance(result["met"], bool), result
+        # Every case says the load around it, and whether that makes it no result.
+        assert isinstance(result["load_before"], float), result
+        assert isinstance(result["load_after"], float), result
+        assert isinstance(result["loaded"], bool), result
+        assert isinstance(result["bytecode_cached"], bool), result
+    cached = {r["case"]: r["bytecode_cached"] for r in data["results"]}
+    assert [case for case, yes in cached.items() if not yes] == [
+        next(case for case in cached if case.endswith("no bytecode cache"))
+    ]
     # The table is printed too, one row per case.
     for case in cases:
         assert case in done.stdout
