@@ -166,11 +166,12 @@ class LeakChecks(_forked.ForkedChecks):
 
     def test_end(self) -> str | None:
         """Check the test that just tore down; the failure text under ``leaks=fail``."""
-        running, self._running = self._running, None
-        tracker = self.tracker
+        running, tracker = self._running, self.tracker
         if running is None or tracker is None:
+            self._running = None
             return None
-        self._observe(None, self._phase)
+        self._observe(None, self._phase)  # while it runs: what appeared now is the test's
+        self._running = None
         owner, self._test = self._test, None
         phase, self._phase = self._phase, "session"
         if owner is None:  # nothing was ever seen under it

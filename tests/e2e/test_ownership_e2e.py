@@ -287,14 +287,27 @@ def nested(request):
 @pytest.fixture
 def per_test():
     subprocess.Popen(SLEEP)  # a function-scoped fixture's: the test's own
+    yield
+    subprocess.Popen(SLEEP)  # and in its teardown, the test's too
+
+
+def test_late(late):  # first: nothing runs yet when its teardown starts one
+    pass
 
 
 def test_dependent(dependent, per_test):
     pass
 
 
+@pytest.fixture
+def late():
+    yield
+    subprocess.Popen(SLEEP)  # only in its teardown: the test had nothing before
+
+
 def test_nested(nested):
     pass
+
 """
 
 
@@ -310,9 +323,9 @@ def test_wider_fixtures_own_what_their_setups_and_finalizers_leave(
     with no_survivors(monkeypatch):
         result = run(pytester, f"--procsafe-leaks={mode}", f"--procsafe-report={report}")
     if mode == "fail":  # the tests' own leaks error their teardowns; the fixtures', the run
-        result.assert_outcomes(passed=3, errors=2)
+        result.assert_outcomes(passed=4, errors=3)
     else:
-        result.assert_outcomes(passed=3, warnings=6)
+        result.assert_outcomes(passed=4, warnings=7)
     found = sorted((str(r["owner"]), str(r["phase"])) for r in _records(report))
     assert found == [
         ("fixture base", "setup"),
@@ -321,5 +334,8 @@ def test_wider_fixtures_own_what_their_setups_and_finalizers_leave(
         ("fixture dependent", "teardown"),
         ("fixture nested", "teardown"),
         ("test_orderings.py::test_dependent[1]", "setup"),
+        ("test_orderings.py::test_dependent[1]", "teardown"),
         ("test_orderings.py::test_dependent[2]", "setup"),
+        ("test_orderings.py::test_dependent[2]", "teardown"),
+        ("test_orderings.py::test_late", "teardown"),
     ], found

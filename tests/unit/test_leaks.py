@@ -327,6 +327,28 @@ def test_a_marker_turning_the_checks_off(
     assert proc(started[0])  # not this run's business
 
 
+def test_a_process_first_seen_at_the_end_of_the_teardown_is_the_test_s(
+    kids: Kids, make_checks: Callable[..., LeakChecks]
+) -> None:
+    """Nothing seen before (no owner made yet): a process a function-scoped fixture's
+    teardown started is still the test's, in its teardown."""
+    checks = make_checks()
+    checks.test_start("test_x.py::test_t")
+    checks.phase_end("setup", then="call")
+    checks.phase_end("call", then="teardown")
+    started = kids.sleeper().pid  # as a fixture's teardown would
+    message = checks.test_end()
+    assert message is not None
+    assert str(started) in message
+    (record,) = checks.report.records
+    assert (record["owner"], record["phase"], record["pid"]) == (
+        "test_x.py::test_t",
+        "teardown",
+        started,
+    )
+    assert _proctable.stat(started) is None  # killed, as fail mode does
+
+
 def test_fixture_owned_leaks_fail_the_run_not_the_test(
     kids: Kids, make_checks: Callable[..., LeakChecks]
 ) -> None:
