@@ -1,8 +1,8 @@
 """The leak checks' pytest hooks: they tell `LeakChecks` where the run is, nothing more.
 
 `SessionHooks` is registered in every mode (under ``leaks=off`` procsafe still stops its own
-workers at the end); the per-test hooks (`_testhooks`) check only while checks are on, so
-``off`` costs nothing per test.
+workers at the end); the per-test hooks (`_testhooks`) check only while checks are on:
+under ``off`` a test pays only for the marker check and the pickling note's hook.
 `Guard` starts the guardian (`_guardlink`) with the checks, tells it about every process
 the checks see, and tells it "done" once the checks' final sweep has finished.
 """
