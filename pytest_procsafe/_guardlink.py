@@ -69,12 +69,12 @@ class Guardian:
         self._popen = child
         self._writer = writer
         self._backlog = b""
-        self._pidfd = -1
+        self._pidfd = -1  # to wait on at the end, pinning the process (Linux)
         if child is None and hasattr(os, "pidfd_open"):
             with contextlib.suppress(OSError):
                 self._pidfd = os.pidfd_open(proc.pid)
             if self._pidfd >= 0 and _proctable.same(proc) is None:  # gone already
-                self._close_pidfd()
+                self._pidfd = _close(self._pidfd)
 
     @property
     def connected(self) -> bool:
@@ -97,27 +97,17 @@ class Guardian:
         except BlockingIOError:
             pass
         except OSError:  # the guardian is gone: nobody to tell any more
-            self.disconnect()
+            self._writer = _close(self._writer)
 
     def disconnect(self) -> None:
         """Drop the pipe without a word (a forked child's copy, or a guardian that died)."""
-        writer, self._writer = self._writer, -1
-        if writer >= 0:
-            with contextlib.suppress(OSError):
-                os.close(writer)
-        self._close_pidfd()
-
-    def _close_pidfd(self) -> None:
-        pidfd, self._pidfd = self._pidfd, -1
-        if pidfd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(pidfd)
+        self._writer = _close(self._writer)
+        self._pidfd = _close(self._pidfd)
 
     def close(self, *, done: bool) -> None:
         """The run ends: with *done* (procsafe's cleanup ran) the guardian exits at once;
         without, it stops what is left of the run as if pytest had died. With *done*,
         waits (bounded) for it to exit, and kills it if it does not."""
-        pidfd, self._pidfd = self._pidfd, -1  # kept past the disconnect: to wait on
         try:
             if self._writer >= 0:
                 os.set_blocking(self._writer, True)
@@ -125,16 +115,15 @@ class Guardian:
                 if done and self._writer >= 0:
                     with contextlib.suppress(OSError):
                         os.write(self._writer, b"done\n")
-                self.disconnect()
-            if done and not self.wait(EXIT_WAIT, pidfd):
-                self._kill(pidfd)
+                self._writer = _close(self._writer)
+            if done and not self.wait(EXIT_WAIT):
+                self._kill()
             elif not done and self._popen is not None:
                 self._popen.poll()  # reaped now if it is gone already; else by subprocess
         finally:
-            if pidfd >= 0:
-                os.close(pidfd)
+            self._pidfd = _close(self._pidfd)
 
-    def wait(self, timeout: float, pidfd: int = -1) -> bool:
+    def wait(self, timeout: float) -> bool:
         """Wait up to *timeout* for the guardian to exit; True once it has."""
         if self._popen is not None:
             try:
@@ -142,10 +131,9 @@ class Guardian:
             except subprocess.TimeoutExpired:
                 return False
             return True
-        pidfd = pidfd if pidfd >= 0 else self._pidfd
-        if pidfd >= 0:
+        if self._pidfd >= 0:
             with contextlib.suppress(InterruptedError):
-                select.select([pidfd], [], [], timeout)  # readable once it has exited
+                select.select([self._pidfd], [], [], timeout)  # readable once it has exited
             return self.exited()
         deadline = time.monotonic() + timeout
         while not self.exited():
@@ -161,17 +149,21 @@ class Guardian:
         current = _proctable.same(self.proc)
         return current is None or current.zombie
 
-    def _kill(self, pidfd: int) -> None:
+    def _kill(self) -> None:
         if self._popen is not None:
             self._popen.kill()
             self._popen.wait(_escalate.KILL_WAIT)
             return
+        _escalate.signal_same(self.proc, _escalate.SIGKILL, lambda current: not current.zombie)
+        self.wait(_escalate.KILL_WAIT)
+
+
+def _close(fd: int) -> int:
+    """Close *fd* if it is open; -1, for the attribute that held it."""
+    if fd >= 0:
         with contextlib.suppress(OSError):
-            if pidfd >= 0:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            elif _proctable.same(self.proc) is not None:
-                os.kill(self.pid, signal.SIGKILL)
-        self.wait(_escalate.KILL_WAIT, pidfd)
+            os.close(fd)
+    return -1
 
 
 def spawn(

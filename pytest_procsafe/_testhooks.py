@@ -206,13 +206,11 @@ class Checked:
             fixturedef.addfinalizer(functools.partial(self._finalizing, fixturedef))
 
     def _finalizing(self, fixturedef: pytest.FixtureDef[object]) -> None:
-        if self._opening:
-            self._settle()
+        self._settle()
         self.checks.fixture_finalizing(fixturedef)
 
     def _done(self, fixturedef: pytest.FixtureDef[object]) -> None:
-        if self._opening:
-            self._settle()
-            if fixturedef in self._opening:  # its setup never ended (a Ctrl-C inside it)
-                self._opening.remove(fixturedef)
+        self._settle()
+        if fixturedef in self._opening:  # its setup never ended (a Ctrl-C inside it)
+            self._opening.remove(fixturedef)
         self.checks.fixture_done(fixturedef)

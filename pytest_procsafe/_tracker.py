@@ -156,9 +156,9 @@ class Tracker:
 
     def observe(self, owner: Owner, phase: str) -> None:
         """Give every descendant not seen before to *owner*; forget those that are gone."""
-        seen = self.seen
-        if not seen and self.table.quiet():
+        if not self.busy():
             return
+        seen = self.seen
         tree = self.table.tree(self.prune)
         # A known pid under the same parent is taken to be the same process: pids are
         # handed out in sequence, so a reuse between two observations would take the

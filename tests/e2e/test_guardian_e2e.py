@@ -298,10 +298,11 @@ GUARDED = f"""
         # Its own token (the outer run's is inherited): "<pid>-<random>".
         token = os.environ.get("{_guardian.VARIABLE}", "")
         own = token.startswith(f"{{os.getpid()}}-")
+        # Its guardian's command line carries the run's token.
         guardians = [
             pid for pid in os.listdir("/proc")
-            if pid.isdigit() and {_guardian.MARK!r} in command(pid) and own and token in command(pid)
-        ]
+            if pid.isdigit() and {_guardian.MARK!r} in command(pid) and token in command(pid)
+        ] if own else []
         assert len(guardians) == int(os.environ["GUARDIANS"]), guardians
         assert own == (guardians != [])
         # Started in a shell's background: not this process's child.
