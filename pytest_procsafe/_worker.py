@@ -381,7 +381,12 @@ class Worker:
     def settled(self) -> bool:
         """Whether it exited (also when its exit status was collected elsewhere)."""
         self._collect()
-        return self._watch.exitcode() is not None
+        if self._watch.exitcode() is None:
+            return False
+        # An outcome written just before the exit lands after the look above: look again,
+        # or a worker that returned reads as one that ended without a result.
+        self._collect()
+        return True
 
     def waitables(self) -> list[Any]:
         """What `wait_for` waits on: what signals the exit, the result pipe while open."""
