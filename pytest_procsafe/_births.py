@@ -12,6 +12,8 @@ leak checks' trackers) are told the child's pid:
   ``multiprocessing.util.spawnv_passfds`` uses it: direct children that no Python object
   stands for, which the leak checks must not take for orphans (an orphan was first a
   grandchild);
+* ``os.system``, whose shell is gone when it returns (told as `NO_PID`), but not what the
+  shell started in the background;
 * plain ``os.fork`` is seen by the trackers' at-fork hooks, which ask `where` too.
 
 The wrappers call the wrapped function unchanged and only look around it; they are in
@@ -33,6 +35,8 @@ from pytest_procsafe import _imports
 
 #: ``listener(pid, where, direct)``: *direct* when the child is this process's own.
 Listener = Callable[[int, "str | None", bool], None]
+#: The pid told for a child that is already gone (``os.system`` waits for its shell).
+NO_PID: Final = 0
 
 _LISTENERS: list[Listener] = []
 _UNDO: list[Callable[[], None]] = []
@@ -89,7 +93,7 @@ def listen(listener: Listener) -> Callable[[], None]:
 
 
 def _tell(pid: object, where_: str | None, direct: bool) -> None:
-    if isinstance(pid, int) and pid > 0:
+    if isinstance(pid, int) and pid >= NO_PID:
         for listener in list(_LISTENERS):
             listener(pid, where_, direct)
 
@@ -154,6 +158,18 @@ def _install() -> None:
 
     for name in ("posix_spawn", "posix_spawnp"):
         _patch(os, name, direct)
+
+    def system(original: Any) -> Any:
+        def system(command: Any) -> int:
+            at = where()
+            try:
+                return int(original(command))
+            finally:  # the shell is gone (reaped), what it started in the background not
+                _tell(NO_PID, at, True)
+
+        return system
+
+    _patch(os, "system", system)
     posixsubprocess = sys.modules.get("_posixsubprocess")
     if posixsubprocess is not None:
         _patch(posixsubprocess, "fork_exec", direct)

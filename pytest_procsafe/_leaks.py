@@ -87,7 +87,7 @@ class LeakChecks(_forked.ForkedChecks):
         #: This is a test process pytest-forked forked from the session's (`reroot`).
         self.forked = False
         self._handoff: list[dict[str, object]] = []  # its records, for the parent
-        self._signal = 0  # births + registrations at the last folded look at /dev/shm
+        self._signal = 0  # births + registrations at the last observation
         #: The pids the last process check reported, by owner: their segments go with them.
         self._leaking: dict[Owner, set[int]] = {}
 
@@ -117,24 +117,20 @@ class LeakChecks(_forked.ForkedChecks):
     def _observe(self, owner: Owner | None, phase: str, *, always: bool = True) -> Tracker | None:
         """One observation: a ``waitid`` (and an ``fstat``) when nothing changed, and no
         owner made then; the walks otherwise. Unless *always*, ``/dev/shm`` is looked at
-        only when something could have made an entry: a process of this tree, or a
-        registration of this process's (`_registrations`); its phases' ends skip it
-        otherwise, and the test's end always looks."""
+        only when something could have made an entry: a process of this tree, or a start
+        or registration of this process's (`_births`, `_registrations`) since the last
+        look; the test's end always looks."""
         tracker = self.tracker
         if tracker is None:
             return None
+        signal = tracker.births + _registrations.changes
+        news = signal != self._signal
+        self._signal = signal
         busy = tracker.busy()
         if busy:
             tracker.observe(owner or self._current(), phase)
         segments = self.segments
-        if segments is None:
-            return tracker
-        if not (always or busy):
-            signal = tracker.births + _registrations.changes
-            if signal == self._signal:
-                return tracker
-            self._signal = signal
-        if segments.changed():
+        if segments is not None and (always or busy or news) and segments.changed():
             segments.observe(owner or self._current(), phase)
         return tracker
 
@@ -160,8 +156,19 @@ class LeakChecks(_forked.ForkedChecks):
         self._phase = "setup"
 
     def phase_end(self, phase: str, *, then: str) -> None:
-        """The test's *phase* ended (*then* starts: ``call`` or ``teardown``)."""
-        self._observe(None, phase, always=False)
+        """The test's *phase* ended (*then* starts: ``call`` or ``teardown``).
+
+        Looked at only when something may have appeared in it: a process of this tree is
+        known, or this process started a child (any launcher `_births` wraps, or a fork)
+        or registered a segment since the last look. A clean test's phases cost nothing
+        then, and its end is its one observation; a child started otherwise (a C
+        library's ``fork``) under a test that had none is first seen at that end.
+        """
+        tracker = self.tracker
+        if tracker is not None and (
+            tracker.seen or tracker.births + _registrations.changes != self._signal
+        ):
+            self._observe(None, phase, always=False)
         self._phase = then
 
     def test_end(self) -> str | None:

@@ -15,7 +15,9 @@ import inspect
 import os
 import re
 from collections.abc import Iterable
+from typing import Any
 from typing import Final
+from typing import final
 
 import pytest
 
@@ -37,6 +39,7 @@ _SESSION_ONLY: Final = ("cleanup", "report")
 _ITEM_KEY: Final = pytest.StashKey[Settings]()
 #: A test's bad-marker error text, found at collection and raised at its setup.
 ERROR_KEY: Final = pytest.StashKey[str]()
+_MARKED_KEY: Final = pytest.StashKey["Marked"]()
 
 
 def marker_overrides(
@@ -116,9 +119,44 @@ def item_settings(item: pytest.Item) -> Settings:
     return settings
 
 
-def check(item: pytest.Item) -> None:
+@final
+class Marked:
+    """The collected tests that have a ``procsafe`` marker of their own or of a node above
+    them (where ``iter_markers`` looks): the only ones whose setup `check` looks at."""
+
+    def __init__(self) -> None:
+        self.items: set[pytest.Item] = set()
+        #: Whether a collection was noted: a test run without one is looked at itself.
+        self.noted = False
+
+    def note(self, items: Iterable[pytest.Item]) -> None:
+        """After collection: each node above the tests is looked at once."""
+        found = self.items
+        found.clear()
+        above: dict[object, bool] = {}
+        for item in items:
+            parent = item.parent
+            parent_marked = above.get(parent)
+            if parent_marked is None:
+                chain = parent.listchain() if parent is not None else []
+                parent_marked = above[parent] = any(_has_own(node) for node in chain)
+            if parent_marked or _has_own(item):
+                found.add(item)
+        self.noted = True
+
+
+def marked(config: pytest.Config) -> Marked:
+    """This session's `Marked` (``pytest_collection_modifyitems`` notes it)."""
+    return config.stash.setdefault(_MARKED_KEY, Marked())
+
+
+def _has_own(node: Any) -> bool:  # a pytest Node
+    return any(mark.name == "procsafe" for mark in node.own_markers)
+
+
+def check(item: pytest.Item, marked: Marked) -> None:
     """Fail the test's setup with its bad marker's error, if it has one."""
-    if "procsafe" not in item.keywords:  # no marker at all: nothing to check (cheap)
+    if item not in marked.items if marked.noted else "procsafe" not in item.keywords:
         return
     item_settings(item)
     error = item.stash.get(ERROR_KEY, None)

@@ -258,13 +258,12 @@ class SegmentWatch:
             candidates.append(Segment(entry, kind, posix, self.seen.get(entry, (None, "?"))[1]))
         if not candidates:
             return []
-        used = in_use()
         spared = set(spare()) if self.listing else set()
         mapped = mappers([s.entry for s in candidates], spared | {self.root}) if spared else {}
         mine: list[Segment] = []
         undecided: list[Segment] = []
         for segment in candidates:
-            if segment.posix in used or mapped.get(segment.entry, set()) & spared:
+            if mapped.get(segment.entry, set()) & spared:
                 self.give(later, segment)
                 continue
             registered_here = segment.posix in registered or not self.listing
@@ -272,6 +271,12 @@ class SegmentWatch:
         if undecided:  # no registration: only a mapping in this process tree tells
             held = mappers([s.entry for s in undecided], {self.root, *tree()})
             mine.extend(s for s in undecided if held[s.entry])
+        if not mine:  # another run's entries, say: no walk of this process's objects
+            return []
+        used = in_use()
+        for segment in [s for s in mine if s.posix in used]:
+            self.give(later, segment)
+            mine.remove(segment)
         return sorted(mine)
 
     def give(self, owner: object, segment: Segment) -> None:

@@ -46,7 +46,7 @@ _XUNIT: Final = re.compile(
 
 def register(config: pytest.Config) -> None:
     """The hooks for a run without leak checks (until `turn_on`)."""
-    config.pluginmanager.register(Plain(), _PLAIN)
+    config.pluginmanager.register(Plain(config), _PLAIN)
 
 
 def turn_on(config: pytest.Config, checks: _leaks.LeakChecks) -> None:
@@ -106,9 +106,12 @@ def _explain_pickling(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
 class Plain:
     """Per-test hooks without leak checks; see the module docstring."""
 
+    def __init__(self, config: pytest.Config) -> None:
+        self._marked = _marker.marked(config)
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        _marker.check(item)  # a bad procsafe marker is this test's error
+        _marker.check(item, self._marked)  # a bad procsafe marker is this test's error
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> None:
@@ -126,6 +129,7 @@ class Checked:
         self._calls = not config.getoption("setuponly", False)
         self._wide: dict[pytest.FixtureDef[object], bool] = {}  # fixture -> wider scope
         self._opening: list[pytest.FixtureDef[object]] = []  # wider setups not seen over
+        self._marked = _marker.marked(config)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self) -> None:
@@ -134,7 +138,7 @@ class Checked:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         self.checks.test_start(item.nodeid, item)
-        _marker.check(item)
+        _marker.check(item, self._marked)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> None:
@@ -166,18 +170,25 @@ class Checked:
 
     @pytest.hookimpl(trylast=True)  # after pytest's own: the fixtures are torn down
     def pytest_runtest_teardown(self, item: pytest.Item) -> None:
-        message = self._test_end(item)
+        checks = self.checks
+        message = checks.test_end()
+        if checks.forked:
+            self._hand_off(item)
         if message:
             pytest.fail(message, pytrace=False)
 
     def _test_end(self, item: pytest.Item) -> str | None:
         checks = self.checks
         message = checks.test_end()
-        if checks.forked:  # pytest-forked's test process: the parent takes over
-            found = checks.handoff()
-            if found is not None:
-                item.user_properties.append((_forked.KEY, found))
+        if checks.forked:
+            self._hand_off(item)
         return message
+
+    def _hand_off(self, item: pytest.Item) -> None:
+        """pytest-forked's test process: the parent takes over what it found."""
+        found = self.checks.handoff()
+        if found is not None:
+            item.user_properties.append((_forked.KEY, found))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef[object]) -> None:

@@ -113,6 +113,8 @@ class Tracker:
         if os.getpid() != self.root:
             return
         self.births += 1
+        if pid == _births.NO_PID:
+            return
         if where is not None:
             self._created[pid] = where
         if direct:

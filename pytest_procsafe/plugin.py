@@ -99,6 +99,15 @@ def pytest_report_header(config: pytest.Config) -> str:
     return _config.session_settings(config).header()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> Iterator[None]:
+    # After every other plugin's (one may add markers): the tests with a procsafe marker.
+    yield
+    _marker.marked(config).note(items)
+
+
 # --- start methods ----------------------------------------------------------------------
 
 

@@ -208,3 +208,75 @@ def test_a_python_popen_has_a_stack_where_another_way_exists(
     result.assert_outcomes(passed=1, errors=1)
     (leak,) = json.loads(report.read_text())["leaks"]
     assert "churn_in_a_popen" in (leak["stack"] or ""), leak
+
+
+PROFILED_CONFTEST = """
+import json
+import sys
+
+import pytest
+
+RAN = set()
+
+
+def _profile(frame, event, arg):
+    if event == "call":
+        name = frame.f_globals.get("__name__")
+        if isinstance(name, str) and name.startswith("pytest_procsafe"):
+            RAN.add(name)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    sys.setprofile(_profile)  # every Python call of the test's protocol, hooks included
+    try:
+        return (yield)
+    finally:
+        sys.setprofile(None)
+
+
+def pytest_sessionfinish(session):
+    with open("ran.json", "w") as file:
+        json.dump(sorted(RAN), file)
+"""
+
+CLEAN_TESTS = """
+import pytest
+
+
+@pytest.fixture(scope="module")
+def shared():
+    return {}
+
+
+@pytest.mark.parametrize("i", range(20))
+def test_clean(i, shared, tmp_path):
+    shared[i] = tmp_path
+"""
+
+#: Diagnosis runs only for something to explain: never in a clean test's protocol.
+DIAGNOSIS: frozenset[str] = frozenset(
+    {
+        "pytest_procsafe._stacks",
+        "pytest_procsafe._dumps",
+        "pytest_procsafe._running",
+        "pytest_procsafe._pickling",
+        "pytest_procsafe._picklewalk",
+        "pytest_procsafe._picklenote",
+        "pytest_procsafe._holders",
+        "pytest_procsafe._reaper",
+    }
+)
+
+
+@pytest.mark.parametrize("mode", ["warn", "fail"])
+def test_a_clean_test_runs_no_diagnosis(pytester: pytest.Pytester, mode: str) -> None:
+    """No stack, holder, pickling or "still running" code runs around a clean test: the
+    leak checks' own observation does (so the profile sees procsafe at all)."""
+    pytester.makeconftest(PROFILED_CONFTEST)
+    pytester.makepyfile(test_clean=CLEAN_TESTS)
+    result = run(pytester, f"--procsafe-leaks={mode}")
+    result.assert_outcomes(passed=20)
+    ran = set(json.loads((pytester.path / "ran.json").read_text()))
+    assert "pytest_procsafe._leaks" in ran, ran
+    assert ran.isdisjoint(DIAGNOSIS), sorted(ran & DIAGNOSIS)

@@ -155,3 +155,50 @@ class TestMarker:
     def test_bad_marker_names_the_keyword(self, mark: pytest.MarkDecorator, message: str) -> None:
         with pytest.raises(_config.SettingError, match=re.escape(message)):
             self.apply(mark)
+
+
+def test_the_tests_with_a_procsafe_marker_are_noted_once_at_collection(
+    pytester: pytest.Pytester,
+) -> None:
+    """Each test's setup asks only whether it was noted: a marker on the test, its class
+    or its module is; none at all, or another marker, is not."""
+    pytester.makepyfile(
+        test_marked="""
+        import pytest
+
+        @pytest.mark.procsafe(leaks="off")
+        def test_own():
+            pass
+
+        @pytest.mark.parametrize("i", [1])
+        def test_other_marker(i):
+            pass
+
+        def test_plain():
+            pass
+
+        @pytest.mark.procsafe(timeout=1)
+        class TestMarked:
+            def test_in_class(self):
+                pass
+        """,
+        test_module_marked="""
+        import pytest
+        pytestmark = pytest.mark.procsafe(leaks="warn")
+
+        def test_by_module():
+            pass
+        """,
+    )
+    items = pytester.getitems(pytester.path)
+    marked = _marker.Marked()
+    assert not marked.noted
+    marked.note(items)
+    assert marked.noted
+    assert sorted(item.name for item in marked.items) == [
+        "test_by_module",
+        "test_in_class",
+        "test_own",
+    ]
+    marked.note(items[:1])  # a new collection replaces what was noted
+    assert [item.name for item in marked.items] == [items[0].name]

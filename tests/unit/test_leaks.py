@@ -327,6 +327,98 @@ def test_a_marker_turning_the_checks_off(
     assert proc(started[0])  # not this run's business
 
 
+def test_a_clean_test_asks_the_kernel_once(
+    make_checks: Callable[..., LeakChecks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing known and nothing started: the phases' ends look at nothing, the test's
+    end is one ``waitid`` and one ``fstat`` of ``/dev/shm``."""
+    checks = make_checks()
+    tracker, segments = checks.tracker, checks.segments
+    assert tracker is not None
+    asked: list[str] = []
+    quiet, changed = tracker.table.quiet, None if segments is None else segments.changed
+
+    def counted_quiet() -> bool:
+        asked.append("waitid")
+        return quiet()
+
+    monkeypatch.setattr(tracker.table, "quiet", counted_quiet)
+    if segments is not None and changed is not None:
+
+        def counted_changed() -> bool:
+            asked.append("fstat")
+            return changed()
+
+        monkeypatch.setattr(segments, "changed", counted_changed)
+    for _ in range(3):
+        asked.clear()
+        assert run_test(checks, lambda: None) is None
+        assert sorted(asked) == (["fstat", "waitid"] if segments is not None else ["waitid"])
+
+
+@pytest.mark.parametrize("phase", ["setup", "call"])
+def test_a_child_this_process_starts_is_seen_at_the_end_of_its_phase(
+    kids: Kids, make_checks: Callable[..., LeakChecks], phase: str
+) -> None:
+    checks = make_checks()
+    checks.test_start("test_x.py::test_t")
+    if phase == "setup":
+        kids.sleeper()
+    checks.phase_end("setup", then="call")
+    if phase == "call":
+        kids.sleeper()
+    checks.phase_end("call", then="teardown")
+    assert checks.test_end() is not None
+    (record,) = checks.report.records
+    assert record["phase"] == phase
+
+
+def test_what_os_system_leaves_in_the_background_is_seen_in_its_phase(
+    kids: Kids, make_checks: Callable[..., LeakChecks], tmp_path: Path
+) -> None:
+    """``os.system`` has reaped its shell when it returns; what the shell left running
+    (re-parented here) is found at the end of the phase that called it."""
+    checks = make_checks()
+    pidfile = tmp_path / "pid"
+    checks.test_start("test_x.py::test_t")
+    checks.phase_end("setup", then="call")
+    assert os.system(f"sleep 60 & echo $! > {pidfile}") == 0
+    orphan = int(pidfile.read_text())
+    kids.adopt(orphan)
+    wait_until(lambda: proc(orphan).ppid == ROOT, f"pid {orphan} re-parented")
+    checks.phase_end("call", then="teardown")
+    assert checks.test_end() is not None
+    (record,) = checks.report.records
+    assert (record["pid"], record["kind"], record["phase"]) == (orphan, "orphan", "call")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libc's system() via ctypes")
+def test_a_child_no_python_launcher_started_is_first_seen_at_the_test_s_end(
+    kids: Kids, make_checks: Callable[..., LeakChecks], tmp_path: Path
+) -> None:
+    """A C library's fork under a test with nothing else running tells nobody: the test's
+    end finds it, and its phase says when it was first seen (documented)."""
+    import ctypes
+
+    checks = make_checks()
+    pidfile = tmp_path / "pid"
+    checks.test_start("test_x.py::test_t")
+    checks.phase_end("setup", then="call")
+    libc = ctypes.CDLL(None)
+    assert libc.system(f"sleep 60 & echo $! > {pidfile}".encode()) == 0
+    orphan = int(pidfile.read_text())
+    kids.adopt(orphan)
+    wait_until(lambda: proc(orphan).ppid == ROOT, f"pid {orphan} re-parented")
+    checks.phase_end("call", then="teardown")
+    assert checks.test_end() is not None
+    (record,) = checks.report.records
+    assert (record["owner"], record["pid"], record["phase"]) == (
+        "test_x.py::test_t",
+        orphan,
+        "teardown",
+    )
+
+
 def test_a_process_first_seen_at_the_end_of_the_teardown_is_the_test_s(
     kids: Kids, make_checks: Callable[..., LeakChecks]
 ) -> None:

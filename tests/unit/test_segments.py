@@ -233,6 +233,23 @@ def test_an_unregistered_entry_counts_only_when_this_tree_maps_it(
     assert watch.take(later, tree, later=LATER) == []
 
 
+def test_an_entry_nobody_here_made_or_maps_costs_no_walk_of_objects(
+    watch: SegmentWatch, plain_entry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run's entries appear in ``/dev/shm`` during our tests all the time (xdist's
+    other workers, parallel jobs): telling them apart must not walk this process's
+    objects, which only matters for an entry that would be ours."""
+    walks: list[int] = []
+    monkeypatch.setattr(_segments, "in_use", lambda: walks.append(1) or set())
+    owner = object()
+    path = os.path.join(_segments.SHM_DIR, plain_entry)
+    with open(path, "wb") as file:  # made here, but neither registered nor mapped
+        file.write(b"\0" * 16)
+    watch.observe(owner, "call")
+    assert watch.take(owner, tree, later=LATER) == []
+    assert walks == []
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="making another user's entry takes root")
 def test_another_users_entry_is_never_ours(watch: SegmentWatch, plain_entry: str) -> None:
     owner = object()
