@@ -192,9 +192,9 @@ def test_the_tests_with_a_procsafe_marker_are_noted_once_at_collection(
     )
     items = pytester.getitems(pytester.path)
     marked = _marker.Marked()
-    assert not marked.noted
+    noted_before = marked.noted
     marked.note(items)
-    assert marked.noted
+    assert (noted_before, marked.noted) == (False, True)
     assert sorted(item.name for item in marked.items) == [
         "test_by_module",
         "test_in_class",

@@ -240,7 +240,12 @@ def test_an_entry_nobody_here_made_or_maps_costs_no_walk_of_objects(
     other workers, parallel jobs): telling them apart must not walk this process's
     objects, which only matters for an entry that would be ours."""
     walks: list[int] = []
-    monkeypatch.setattr(_segments, "in_use", lambda: walks.append(1) or set())
+
+    def in_use() -> set[str]:
+        walks.append(1)
+        return set()
+
+    monkeypatch.setattr(_segments, "in_use", in_use)
     owner = object()
     path = os.path.join(_segments.SHM_DIR, plain_entry)
     with open(path, "wb") as file:  # made here, but neither registered nor mapped
