@@ -27,6 +27,7 @@ candidates. Imports neither pytest nor the plugin.
 from __future__ import annotations
 
 import gc
+import itertools
 import subprocess
 import sys
 import types
@@ -36,6 +37,7 @@ from collections.abc import Mapping
 from typing import Any
 from typing import Final
 from typing import NamedTuple
+from typing import final
 
 #: How many referrer levels above an object a holder is looked for.
 DEPTH: Final = 10
@@ -248,7 +250,11 @@ def _roots() -> tuple[dict[int, str], set[int]]:
 
 
 def holders(
-    targets: Mapping[Any, Any], *, depth: int = DEPTH, ignore: Iterable[object] = ()
+    targets: Mapping[Any, Any],
+    *,
+    depth: int = DEPTH,
+    ignore: Iterable[object] = (),
+    hints: Hints | None = None,
 ) -> dict[Any, str]:
     """For each key of *targets* whose object is held, the holder's name.
 
@@ -256,9 +262,17 @@ def holders(
     until a module's globals or a class's attributes; frames, tracebacks, suspended
     generators and the globals of the runner, procsafe and the standard library are not
     followed, nor the caller's own containers in *ignore* (the walk's are skipped anyway).
+    With *hints*, the holders found before are looked under first (`Hints`), and each one
+    found is noted there.
     """
     if not targets:
         return {}
+    named: dict[Any, str] = {}
+    if hints is not None:
+        named = hints.search(targets)
+        if len(named) == len(targets):
+            return named
+        targets = {key: obj for key, obj in targets.items() if key not in named}
     holding, neutral = _roots()
     # id(obj) -> {target key: the object one step nearer that target (None: the target)}
     down: dict[int, dict[Any, Any]] = {}
@@ -266,8 +280,9 @@ def holders(
     for key, obj in targets.items():
         down.setdefault(id(obj), {})[key] = None
         frontier[id(obj)] = obj
-    named: dict[Any, str] = {}
     ours = {id(down), id(frontier), id(targets), id(named), *map(id, ignore)}
+    if hints is not None:
+        ours.add(id(hints.held))
     for _ in range(depth):
         if not frontier or len(named) == len(targets):
             break
@@ -298,7 +313,7 @@ def holders(
                 continue
             if ident in holding:
                 for key, child in routes.items():
-                    _name(named, key, _describe(holding[ident], ref, child, key, down))
+                    _name(named, key, _describe(holding[ident], ref, child, key, down, hints))
                 continue
             if issubclass(cls, type):
                 # A class reaches its attributes through its namespace dict (the child).
@@ -307,7 +322,8 @@ def holders(
                     for key, child in routes.items():
                         below = down[id(child)].get(key)
                         if below is not None:
-                            _name(named, key, _describe(qualname, child, below, key, down))
+                            described = _describe(qualname, child, below, key, down, hints)
+                            _name(named, key, described)
                 continue
             if len(following) < WIDTH:
                 ours.add(id(routes))
@@ -331,12 +347,19 @@ def _name(named: dict[Any, str], key: Any, name: str | None) -> None:
 
 
 def _describe(
-    root: str, namespace: Any, child: Any, key: Any, down: Mapping[int, dict[Any, Any]]
+    root: str,
+    namespace: Any,
+    child: Any,
+    key: Any,
+    down: Mapping[int, dict[Any, Any]],
+    hints: Hints | None = None,
 ) -> str | None:
     """``root.attr`` and the subscripts of the containers below it, as a user writes it."""
     attr = _key_of(namespace, child)
     if attr is None:
         return None
+    if hints is not None:
+        hints.note(namespace, attr, root)
     name = f"{root}.{attr}"
     obj = child
     while type(obj) in (dict, list, tuple):
@@ -348,6 +371,124 @@ def _describe(
             break
         name += f"[{index!r}]"
         obj = below
+    return name
+
+
+# What a look down from a hint does not descend into: code and namespaces (a function's
+# globals lead everywhere), and what `holders` does not follow up either.
+_NOT_BELOW: Final = frozenset(
+    {
+        types.ModuleType,
+        types.FunctionType,
+        types.BuiltinFunctionType,
+        types.MethodType,
+        types.CodeType,
+        types.CellType,
+        types.MappingProxyType,
+        *_OPAQUE,
+    }
+)
+
+
+@final
+class Hints:
+    """The holders found so far (a module's or a class's attribute), looked under first.
+
+    A reusable executor or a cached pool starts new processes in many tests; finding their
+    holder again by walking referrers up costs a pass over every object per level. Looking
+    down from the attributes that held processes before costs only what lies under them
+    (at most `BUDGET` objects each, `DEPTH` levels); a target not found there is looked
+    for the full way (`holders`).
+    """
+
+    #: Objects looked at under one hint, at most.
+    BUDGET: Final = 4096
+    #: Hints kept, the most recent first.
+    KEEP: Final = 16
+
+    def __init__(self) -> None:
+        # (namespace, attribute, how the holder reads: a module or a class qualname)
+        self.held: list[tuple[Any, str, str]] = []
+
+    def note(self, namespace: Any, attr: str, root: str) -> None:
+        """Remember that ``root.attr`` (in *namespace*) held something."""
+        for index, (space, name, _) in enumerate(self.held):
+            if space is namespace and name == attr:
+                del self.held[index]
+                break
+        self.held.insert(0, (namespace, attr, root))
+        del self.held[self.KEEP :]
+
+    def search(self, targets: Mapping[Any, Any]) -> dict[Any, str]:
+        """The targets found under a hint, with the holder's name as `holders` gives it."""
+        wanted: dict[int, list[Any]] = {}
+        for key, obj in targets.items():
+            wanted.setdefault(id(obj), []).append(key)
+        named: dict[Any, str] = {}
+        for namespace, attr, root in list(self.held):
+            if len(named) == len(targets):
+                break
+            try:
+                value = namespace[attr]
+            except Exception:  # gone, or a namespace that no longer answers
+                continue
+            for key, chain in _look_down(value, wanted, self.BUDGET):
+                if key not in named:
+                    named[key] = _subscripted(f"{root}.{attr}", chain)
+        return named
+
+
+def _look_down(
+    value: Any, wanted: Mapping[int, list[Any]], budget: int
+) -> Iterable[tuple[Any, list[Any]]]:
+    """(key, the objects from *value* down to it) for each wanted object below *value*."""
+    up: dict[int, Any] = {id(value): None}
+    level = [value]
+    for _ in range(DEPTH):
+        following = []
+        for obj in level:
+            keys = wanted.get(id(obj))
+            if keys is not None:
+                chain = [obj]
+                while (parent := up[id(chain[-1])]) is not None:
+                    chain.append(parent)
+                chain.reverse()
+                for key in keys:
+                    yield key, chain
+            cls = type(obj)  # never isinstance(): a dead weakref.proxy raises there
+            if cls is types.FunctionType:  # what its closure keeps, not its globals
+                children = [_cell_contents(cell) for cell in obj.__closure__ or ()]
+            elif cls in _NOT_BELOW or issubclass(cls, type) or _runner_type(cls):
+                continue
+            elif _uses_only(cls):
+                continue  # a proxy uses its manager; it does not hold it
+            else:
+                children = _referents(obj)
+            for child in children:
+                if id(child) not in up and len(up) < budget:
+                    up[id(child)] = obj
+                    following.append(child)
+        if not following:
+            return
+        level = following
+
+
+def _cell_contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def _subscripted(name: str, chain: list[Any]) -> str:
+    """*name* and the subscripts of the containers at the top of *chain* (`_describe`)."""
+    for obj, below in itertools.pairwise(chain):
+        if type(obj) not in (dict, list, tuple):
+            break
+        index = _index_of(obj, below)
+        if index is None:
+            break
+        name += f"[{index!r}]"
     return name
 
 
@@ -384,10 +525,11 @@ def held_by(
     *,
     key: Callable[[Any], Any],
     ignore: Iterable[object] = (),
+    hints: Hints | None = None,
 ) -> dict[Any, str]:
     """`holders` with a cache: a target's holder is searched once (by ``key(target)``)."""
     unknown = {k: obj for k, obj in targets.items() if key(k) not in cache}
-    found = holders(unknown, ignore=ignore) if unknown else {}
+    found = holders(unknown, ignore=ignore, hints=hints) if unknown else {}
     for k in unknown:
         cache[key(k)] = found.get(k)
     return {k: name for k in targets if (name := cache.get(key(k))) is not None}

@@ -45,6 +45,9 @@ def _after_fork_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
+#: The last pid handed out in this pid namespace (Linux 3.3+, ``CONFIG_CHECKPOINT_RESTORE``).
+LAST_PID: Final = "/proc/sys/kernel/ns_last_pid"
+
 #: At most this many descendants keep their procfs files open between scans (two fds
 #: each): beyond that, scans read by path, so procsafe never eats much of a test's fds.
 CACHED: Final = 64
@@ -148,15 +151,38 @@ class ProcTable:
         self._tasks = -1  # open fd of /proc/<root>/task: its link count counts threads
         # The same for up to CACHED descendants: pid -> (task directory fd, children fd).
         self._below: dict[int, tuple[int, int]] = {}
+        self._last_pid = -1 if LINUX else -2  # open fd of LAST_PID; -2: none to be had
 
     def close(self) -> None:
-        for fd in [*self._fds.values(), self._tasks]:
+        for fd in [*self._fds.values(), self._tasks, self._last_pid]:
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._fds.clear()
         self._tasks = -1
+        self._last_pid = -1 if LINUX else -2
         self._drop(list(self._below))
+
+    def last_pid(self) -> bytes | None:
+        """The pid this pid namespace handed out last (Linux: one ``pread``), None where it
+        cannot be read. Every process and thread born anywhere in the namespace moves it;
+        unmoved, no descendant can be new."""
+        fd = self._last_pid
+        if fd == -2:
+            return None
+        try:
+            if fd < 0:
+                fd = self._last_pid = os.open(LAST_PID, os.O_RDONLY | os.O_CLOEXEC)
+            return os.pread(fd, 32, 0)
+        except OSError:
+            self.close_last_pid()
+            return None
+
+    def close_last_pid(self) -> None:
+        if self._last_pid >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._last_pid)
+        self._last_pid = -2
 
     def _drop(self, pids: Collection[int]) -> None:
         for pid in pids:

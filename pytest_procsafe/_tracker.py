@@ -80,6 +80,8 @@ class Tracker:
         self._direct: dict[int, float] = {}  # pid -> start time, forked by this process
         self._created: dict[int, str] = {}  # pid -> where the user's code started it
         self._holders: dict[tuple[int, float], str | None] = {}  # (pid, start) -> holder
+        self._hints = _holders.Hints()  # where holders were found: looked under first
+        self._walked: bytes | None = None  # `ProcTable.last_pid` at the last walk
         self._adopted: dict[int, float] = {}  # pid -> start: reported elsewhere (`adopt`)
         self._spared: dict[int, float] = {}  # pid -> start: not reported, still swept
         self._guardians: set[int] = set()  # other runs' guardians re-parented here
@@ -157,11 +159,22 @@ class Tracker:
         return bool(self.seen) or not self.table.quiet()
 
     def observe(self, owner: Owner, phase: str) -> None:
-        """Give every descendant not seen before to *owner*; forget those that are gone."""
+        """Give every descendant not seen before to *owner*; forget those that are gone.
+
+        With descendants already known (a resource tracker, a forkserver, a held pool),
+        the tree is walked again only when a process was born in the pid namespace since
+        the last walk (`ProcTable.last_pid`): what was known stays known, and one that
+        ended is looked at when its owner is checked.
+        """
         if not self.busy():
             return
+        table = self.table
+        stamp = table.last_pid() if self.seen else None  # read before the walk it dates
+        if stamp is not None and stamp == self._walked:
+            return
         seen = self.seen
-        tree = self.table.tree(self.prune)
+        tree = table.tree(self.prune)
+        self._walked = stamp
         # A known pid under the same parent is taken to be the same process: pids are
         # handed out in sequence, so a reuse between two observations would take the
         # whole pid space going round within one test phase.
@@ -396,6 +409,7 @@ class Tracker:
             self._holders,
             key=lambda item: (item.proc.pid, item.proc.start),
             ignore=(processes, look.objects()),
+            hints=self._hints,
         )
         by_pid = {item.proc.pid: name for item, name in held.items()}
         # A held process's descendants go with it: also those of one held earlier (a

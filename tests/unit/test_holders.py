@@ -6,6 +6,7 @@ duration), real pools and ``Popen`` objects, each stopped by the test.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import subprocess
 import sys
@@ -112,6 +113,73 @@ def test_a_holder_is_named_as_a_user_writes_it(
 
 class _Holder:
     kept: Any = None
+
+
+@pytest.mark.parametrize(
+    ("hold", "name"),
+    [
+        (lambda m, p: setattr(m, "SERVER", p), "procsafe_holders_probe.SERVER"),
+        (lambda m, p: setattr(m, "LAZY", {"p": p}), "procsafe_holders_probe.LAZY['p']"),
+        (lambda m, p: setattr(m, "ALL", [Thing(), [p]]), "procsafe_holders_probe.ALL[1][0]"),
+        (lambda m, p: setattr(m, "box", _box(p)), "procsafe_holders_probe.box"),
+        (lambda m, p: setattr(m, "run", _closure(p)), "procsafe_holders_probe.run"),
+        (lambda m, p: setattr(_Holder, "kept", p), "_Holder.kept"),
+    ],
+    ids=["attribute", "dict", "nested-list", "instance", "closure", "class"],
+)
+def test_the_next_process_a_holder_keeps_is_found_without_a_walk_up(
+    module: types.ModuleType,
+    popen: Callable[[], subprocess.Popen[bytes]],
+    hold: Callable[[types.ModuleType, Any], None],
+    name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reusable executor starts new processes in later tests: the holder found for the
+    first is looked under first for the next, and names it the same way."""
+    hints = _holders.Hints()
+    try:
+        hold(module, popen())
+        first = _held(module)
+        assert _holders.holders({"p": first}, hints=hints) == {"p": name}
+        hold(module, popen())  # the holder's next process replaces the first
+        assert _held(module) is not first
+        walks: list[int] = []
+        get_referrers = gc.get_referrers
+
+        def counted(*objs: Any) -> list[Any]:
+            walks.append(len(objs))
+            return get_referrers(*objs)
+
+        monkeypatch.setattr(gc, "get_referrers", counted)
+        assert _holders.holders({"p": _held(module)}, hints=hints) == {"p": name}
+        assert walks == []
+        # A hint whose attribute is gone finds nothing: the walk up runs and finds nothing.
+        for attr in ("SERVER", "LAZY", "ALL", "box", "run"):
+            if hasattr(module, attr):
+                delattr(module, attr)
+        orphan = popen()
+        _Holder.kept = None
+        assert _holders.holders({"p": orphan}, hints=hints) == {}
+        assert walks != []
+    finally:
+        _Holder.kept = None
+
+
+def _held(module: types.ModuleType) -> Any:
+    """The process *module* (or `_Holder`) keeps, however it keeps it."""
+    for attr in ("SERVER", "LAZY", "ALL", "box", "run"):
+        value = getattr(module, attr, None)
+        if attr == "SERVER" and value is not None:
+            return value
+        if attr == "LAZY" and value is not None:
+            return value["p"]
+        if attr == "ALL" and value is not None:
+            return value[1][0]
+        if attr == "box" and value is not None:
+            return value.value
+        if attr == "run" and value is not None:
+            return value()
+    return _Holder.kept
 
 
 def _box(value: object) -> Thing:

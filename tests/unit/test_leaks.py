@@ -17,9 +17,11 @@ import threading
 import types
 import warnings
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import pytest
 from leakkit import ROOT
@@ -327,33 +329,107 @@ def test_a_marker_turning_the_checks_off(
     assert proc(started[0])  # not this run's business
 
 
-def test_a_clean_test_asks_the_kernel_once(
-    make_checks: Callable[..., LeakChecks], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Nothing known and nothing started: the phases' ends look at nothing, the test's
-    end is one ``waitid`` and one ``fstat`` of ``/dev/shm``."""
-    checks = make_checks()
+def _asked(checks: LeakChecks, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What *checks* asks the kernel from now on: ``waitid``, ``fstat`` of ``/dev/shm``,
+    ``last_pid`` (with what it read), ``walk`` (a read of the whole tree)."""
     tracker, segments = checks.tracker, checks.segments
     assert tracker is not None
     asked: list[str] = []
-    quiet, changed = tracker.table.quiet, None if segments is None else segments.changed
+    table = tracker.table
+    quiet, last_pid, tree = table.quiet, table.last_pid, table.tree
 
     def counted_quiet() -> bool:
         asked.append("waitid")
         return quiet()
 
-    monkeypatch.setattr(tracker.table, "quiet", counted_quiet)
-    if segments is not None and changed is not None:
+    def counted_last_pid() -> bytes | None:
+        stamp = last_pid()
+        asked.append(f"last_pid {stamp!r}")
+        return stamp
+
+    def counted_tree(prune: Collection[int] = ()) -> dict[int, int]:
+        asked.append("walk")
+        return tree(prune)
+
+    monkeypatch.setattr(table, "quiet", counted_quiet)
+    monkeypatch.setattr(table, "last_pid", counted_last_pid)
+    monkeypatch.setattr(table, "tree", counted_tree)
+    if segments is not None:
+        changed = segments.changed
 
         def counted_changed() -> bool:
             asked.append("fstat")
             return changed()
 
         monkeypatch.setattr(segments, "changed", counted_changed)
+    return asked
+
+
+def _in_a_fresh_child(kids: Kids, work: Callable[[], object]) -> Any:
+    """Run *work* in a forked child, a subreaper with no child of its own (this process
+    may have some: a resource tracker), and return what it returned (as JSON)."""
+    read, write = os.pipe()
+
+    def child() -> None:
+        os.close(read)
+        _proctable.set_subreaper(True)
+        os.write(write, json.dumps(work()).encode())
+
+    pid = kids.fork(child)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        result = json.loads(pipe.read() or b"null")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return result
+
+
+def test_a_clean_test_asks_the_kernel_once(
+    kids: Kids, make_checks: Callable[..., LeakChecks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing known and nothing started: the phases' ends look at nothing, the test's
+    end is one ``waitid`` and one ``fstat`` of ``/dev/shm``."""
+
+    def work() -> list[list[str]]:
+        checks = make_checks()
+        asked = _asked(checks, monkeypatch)
+        rounds = []
+        for _ in range(3):
+            asked.clear()
+            assert run_test(checks, lambda: None) is None
+            rounds.append(sorted(asked))
+        return rounds
+
+    expected = ["fstat", "waitid"] if _segments_watched() else ["waitid"]
+    assert _in_a_fresh_child(kids, work) == [expected] * 3
+
+
+def _segments_watched() -> bool:
+    return os.name == "posix"
+
+
+def test_with_processes_known_the_tree_is_walked_only_after_a_birth(
+    kids: Kids, make_checks: Callable[..., LeakChecks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-lived child (a resource tracker, a held pool) makes every phase an
+    observation: one ``last_pid`` read, and a walk only when a pid was handed out since."""
+    checks = make_checks()
+    asked = _asked(checks, monkeypatch)
+    kids.sleeper()  # known from here on: the session's
+    checks.collection_done()
     for _ in range(3):
-        asked.clear()
         assert run_test(checks, lambda: None) is None
-        assert sorted(asked) == (["fstat", "waitid"] if segments is not None else ["waitid"])
+    stamps = [entry for entry in asked if entry.startswith("last_pid")]
+    if stamps[0] == "last_pid None":
+        pytest.skip("no ns_last_pid here: every observation walks")
+    previous = None
+    for index, entry in enumerate(asked):
+        if entry.startswith("last_pid"):
+            walked = asked[index + 1 : index + 2] == ["walk"]
+            assert walked == (entry != previous), asked  # a walk exactly when it moved
+            if walked:
+                previous = entry
+    assert "waitid" not in asked  # known children: busy without asking
 
 
 @pytest.mark.parametrize("phase", ["setup", "call"])
@@ -400,23 +476,24 @@ def test_a_child_no_python_launcher_started_is_first_seen_at_the_test_s_end(
     end finds it, and its phase says when it was first seen (documented)."""
     import ctypes
 
-    checks = make_checks()
     pidfile = tmp_path / "pid"
-    checks.test_start("test_x.py::test_t")
-    checks.phase_end("setup", then="call")
-    libc = ctypes.CDLL(None)
-    assert libc.system(f"sleep 60 & echo $! > {pidfile}".encode()) == 0
-    orphan = int(pidfile.read_text())
-    kids.adopt(orphan)
-    wait_until(lambda: proc(orphan).ppid == ROOT, f"pid {orphan} re-parented")
-    checks.phase_end("call", then="teardown")
-    assert checks.test_end() is not None
-    (record,) = checks.report.records
-    assert (record["owner"], record["pid"], record["phase"]) == (
-        "test_x.py::test_t",
-        orphan,
-        "teardown",
-    )
+
+    def work() -> tuple[object, ...]:
+        checks = make_checks()
+        checks.test_start("test_x.py::test_t")
+        checks.phase_end("setup", then="call")
+        libc = ctypes.CDLL(None)
+        assert libc.system(f"sleep 60 & echo $! > {pidfile}".encode()) == 0
+        orphan = int(pidfile.read_text())
+        wait_until(lambda: proc(orphan).ppid == os.getpid(), f"pid {orphan} re-parented")
+        checks.phase_end("call", then="teardown")
+        assert checks.test_end() is not None  # fail mode: it is killed
+        (record,) = checks.report.records
+        return record["owner"], record["pid"], record["phase"], _proctable.stat(orphan)
+
+    owner, pid, phase, after = _in_a_fresh_child(kids, work)
+    assert (owner, phase, after) == ("test_x.py::test_t", "teardown", None)
+    assert pid > 0
 
 
 def test_a_process_first_seen_at_the_end_of_the_teardown_is_the_test_s(
