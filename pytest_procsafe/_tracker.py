@@ -171,6 +171,8 @@ class Tracker:
         table = self.table
         stamp = table.last_pid() if self.seen else None  # read before the walk it dates
         if stamp is not None and stamp == self._walked:
+            if self._guardians:  # an exit makes no pid: theirs are reaped all the same
+                self._reap_guardians()
             return
         seen = self.seen
         tree = table.tree(self.prune)

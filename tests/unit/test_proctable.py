@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -303,3 +304,24 @@ def test_python_children_knows_multiprocessing_and_popen_objects(kids: Kids) -> 
     finally:
         process.kill()
         process.join(WAIT)
+
+
+@pytest.mark.skipif(
+    not os.path.exists(_proctable.LAST_PID), reason="no ns_last_pid (Linux 3.3+ only)"
+)
+def test_last_pid_moves_with_every_birth_and_only_then(kids: Kids) -> None:
+    with contextlib.closing(_proctable.ProcTable()) as table:
+        before = table.last_pid()
+        assert before is not None
+        assert int(before) > 0
+        kids.sleeper()
+        after = table.last_pid()
+        assert after is not None
+        assert after != before  # a pid was handed out since
+
+
+def test_last_pid_is_none_where_it_cannot_be_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_proctable, "LAST_PID", "/nonexistent/ns_last_pid")
+    with contextlib.closing(_proctable.ProcTable()) as table:
+        assert table.last_pid() is None
+        assert table.last_pid() is None  # and it does not try again
