@@ -40,6 +40,14 @@ class Result:
     load_after: float | None = None
     #: Load above the CPU count at either end: not a result to record.
     loaded: bool = False
+    #: The base runs of a comparison spread more than `NOISY` (max - min over the
+    #: median): something the load average does not show (a neighbour on the host)
+    #: disturbed the machine. Not a result to record either.
+    noisy: bool = False
+
+
+#: The spread of a comparison's base runs above which its result is marked noisy.
+NOISY = 0.10
 
 
 def with_load(results: Sequence[Result], before: float, after: float) -> list[Result]:
@@ -137,6 +145,16 @@ class Pair:
     variant: Usage
     samples: dict[str, list[float]]
 
+    @property
+    def spread(self) -> float:
+        """How far the base runs' wall times spread: (max - min) / median."""
+        walls = self.samples["base"]
+        return (max(walls) - min(walls)) / statistics.median(walls) if walls else 0.0
+
+    def mark(self, result: Result) -> Result:
+        """*result*, marked noisy when this comparison's base runs spread too much."""
+        return dataclasses.replace(result, noisy=self.spread > NOISY)
+
 
 def compare(
     base: Sequence[str],
@@ -226,7 +244,9 @@ def table(results: Sequence[Result]) -> str:
             r.case,
             f"{r.value:g}{r.unit}",
             r.target,
-            ("yes" if r.met else "NO") + (" (loaded)" if r.loaded else ""),
+            ("yes" if r.met else "NO")
+            + (" (loaded)" if r.loaded else "")
+            + (" (noisy)" if r.noisy else ""),
             r.detail,
         )
         for r in results

@@ -111,7 +111,8 @@ def overhead(pair: Pair, count: int) -> str:
     return (
         f"{variant.wall:.2f}s vs {base.wall:.2f}s without "
         f"(+{(variant.wall - base.wall) / count * 1e6:.0f} us/test); "
-        f"CPU {variant.cpu:.2f}s vs {base.cpu:.2f}s ({variant.cpu / base.cpu:.3f}x)"
+        f"CPU {variant.cpu:.2f}s vs {base.cpu:.2f}s ({variant.cpu / base.cpu:.3f}x); "
+        f"base runs spread {pair.spread:.0%}"
     )
 
 
@@ -138,12 +139,14 @@ def bench_trivial(sizes: Sizes, work: Path) -> list[Result]:
         log(f"trivial {mode}", pair.samples)
         memory = memory or pair  # the warn runs: the default mode
         results.append(
-            at_most(
-                f"{sizes.trivial} trivial tests, leaks={mode}",
-                pair.base.wall,
-                pair.variant.wall,
-                1.03,
-                overhead(pair, sizes.trivial),
+            pair.mark(
+                at_most(
+                    f"{sizes.trivial} trivial tests, leaks={mode}",
+                    pair.base.wall,
+                    pair.variant.wall,
+                    1.03,
+                    overhead(pair, sizes.trivial),
+                )
             )
         )
     # As users run it: the plugins they have installed load too (pytest-xdist, pytest-cov,
@@ -158,12 +161,14 @@ def bench_trivial(sizes: Sizes, work: Path) -> list[Result]:
     )
     log("trivial warn, autoloaded plugins", pair.samples)
     results.append(
-        at_most(
-            f"{sizes.trivial} trivial tests, leaks=warn, autoloaded plugins",
-            pair.base.wall,
-            pair.variant.wall,
-            1.03,
-            f"{overhead(pair, sizes.trivial)}; plugins: {', '.join(plugins) or 'none'}",
+        pair.mark(
+            at_most(
+                f"{sizes.trivial} trivial tests, leaks=warn, autoloaded plugins",
+                pair.base.wall,
+                pair.variant.wall,
+                1.03,
+                f"{overhead(pair, sizes.trivial)}; plugins: {', '.join(plugins) or 'none'}",
+            )
         )
     )
     # As some CI machines run it: no bytecode written or read (an empty cache prefix).
@@ -184,7 +189,7 @@ def bench_trivial(sizes: Sizes, work: Path) -> list[Result]:
         1.03,
         overhead(pair, sizes.trivial),
     )
-    results.append(dataclasses.replace(result, bytecode_cached=False))
+    results.append(dataclasses.replace(pair.mark(result), bytecode_cached=False))
     assert memory is not None
     base_rss, variant_rss = memory.base.rss, memory.variant.rss
     results.append(
@@ -209,12 +214,14 @@ def bench_xdist(sizes: Sizes, work: Path) -> list[Result]:
     )
     log("xdist", pair.samples)
     return [
-        at_most(
-            f"{sizes.xdist} tests under -n 2",
-            pair.base.wall,
-            pair.variant.wall,
-            1.05,
-            overhead(pair, sizes.xdist),
+        pair.mark(
+            at_most(
+                f"{sizes.xdist} tests under -n 2",
+                pair.base.wall,
+                pair.variant.wall,
+                1.05,
+                overhead(pair, sizes.xdist),
+            )
         )
     ]
 

@@ -67,6 +67,7 @@ def test_the_quick_run_measures_every_case(tmp_path: Path) -> None:
         assert isinstance(result["load_before"], float), result
         assert isinstance(result["load_after"], float), result
         assert isinstance(result["loaded"], bool), result
+        assert isinstance(result["noisy"], bool), result
         assert isinstance(result["bytecode_cached"], bool), result
     cached = {r["case"]: r["bytecode_cached"] for r in data["results"]}
     assert [case for case, yes in cached.items() if not yes] == [
