@@ -135,19 +135,31 @@ class ProcsafeConnection:
 
     def recv(self, *, timeout: Timeout = DEFAULT) -> Any:
         __tracebackhide__ = True
-        if timeout is not DEFAULT or not self._poll(0.0):  # data waiting: no watch to set up
+        poller = self._poller
+        if timeout is DEFAULT and poller is not None:  # the usual read: one poll at most
+            if not poller.poll(0):  # nothing waiting (or closed: the read says so)
+                self._await("recv()", timeout)
+        elif timeout is not DEFAULT or not self._poll(0.0):  # waiting: no watch to set up
             self._await("recv()", timeout)
         return self._conn.recv()
 
     def recv_bytes(self, maxlength: int | None = None, *, timeout: Timeout = DEFAULT) -> bytes:
         __tracebackhide__ = True
-        if timeout is not DEFAULT or not self._poll(0.0):  # data waiting: no watch to set up
+        poller = self._poller
+        if timeout is DEFAULT and poller is not None:  # the usual read: one poll at most
+            if not poller.poll(0):  # nothing waiting (or closed: the read says so)
+                self._await("recv_bytes()", timeout)
+        elif timeout is not DEFAULT or not self._poll(0.0):  # waiting: no watch to set up
             self._await("recv_bytes()", timeout)
         return self._conn.recv_bytes(maxlength)
 
     def recv_bytes_into(self, buf: Any, offset: int = 0, *, timeout: Timeout = DEFAULT) -> int:
         __tracebackhide__ = True
-        if timeout is not DEFAULT or not self._poll(0.0):  # data waiting: no watch to set up
+        poller = self._poller
+        if timeout is DEFAULT and poller is not None:  # the usual read: one poll at most
+            if not poller.poll(0):  # nothing waiting (or closed: the read says so)
+                self._await("recv_bytes_into()", timeout)
+        elif timeout is not DEFAULT or not self._poll(0.0):  # waiting: no watch to set up
             self._await("recv_bytes_into()", timeout)
         return self._conn.recv_bytes_into(buf, offset)
 
