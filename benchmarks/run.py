@@ -403,10 +403,15 @@ def bench_scan(sizes: Sizes, work: Path) -> list[Result]:
         if missing:
             raise RuntimeError(f"the scan missed children {sorted(missing)}")
         samples = []
+        steady = []
         for _ in range(sizes.scans):
+            tracker._walked = None  # as after a birth anywhere: the tree is walked
             start = time.perf_counter()
             tracker.observe(owner, "call")
             samples.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            tracker.observe(owner, "call")  # nothing born since: no walk
+            steady.append(time.perf_counter() - start)
         tracker.take(owner)
     finally:
         tracker.close()
@@ -422,8 +427,9 @@ def bench_scan(sizes: Sizes, work: Path) -> list[Result]:
             "ms",
             "<= 1 ms",
             per_scan <= 1.0,
-            f"median of {sizes.scans}; first sight of all {sizes.scan_children}: "
-            f"{first * 1000:.2f} ms",
+            f"median of {sizes.scans}, each a walk of the tree (a pid was handed out "
+            f"since the last); with none handed out: {statistics.median(steady) * 1000:.4f} "
+            f"ms; first sight of all {sizes.scan_children}: {first * 1000:.2f} ms",
         )
     ]
 
@@ -658,6 +664,60 @@ print(json.dumps({"start": started, "done": done, "idle_ticks": idle}))
 """
 
 
+# What a spawn or forkserver child does with the stack-dump handler's rider: import the
+# module (multiprocessing is already imported there, and the package is, for the module
+# map's rider that every procsafe child gets), install the handler.
+_DUMPS_SAMPLE = """
+import multiprocessing.spawn, sys, time
+start = time.perf_counter()
+import pytest_procsafe
+package = time.perf_counter()
+from pytest_procsafe import _dumps
+imported = time.perf_counter()
+assert _dumps.install_here(sys.argv[1])
+done = time.perf_counter()
+print(package - start, imported - package, done - imported)
+"""
+
+
+def bench_dumps(sizes: Sizes, work: Path) -> list[Result]:
+    """What the stack-dump handler costs each child at its start: in fresh interpreters
+    (as a spawn or forkserver child is), importing `_dumps` and installing the handler;
+    a fork child only installs it."""
+    if not hasattr(signal, "SIGRTMIN"):
+        return []
+    packages, imports, installs = [], [], []
+    for _ in range(sizes.guardian_samples):
+        out = subprocess.run(
+            [sys.executable, "-c", _DUMPS_SAMPLE, str(work)],
+            cwd=work,
+            env=env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        package, imported, installed = (float(x) * 1000 for x in out.stdout.split())
+        packages.append(package)
+        imports.append(imported)
+        installs.append(installed)
+    log("dumps", {"package_ms": packages, "import_ms": imports, "install_ms": installs})
+    total = statistics.median(a + b for a, b in zip(imports, installs, strict=True))
+    return [
+        Result(
+            "stack-dump handler, per child start",
+            round(total, 3),
+            "ms",
+            "<= 1 ms",
+            total <= 1.0,
+            f"median of {len(imports)} fresh interpreters: importing _dumps "
+            f"{statistics.median(imports):.3f} ms and installing the handler "
+            f"{statistics.median(installs):.3f} ms (a fork child: the install only), "
+            f"beyond the package's import, which every procsafe spawn/forkserver child "
+            f"does for the module map: {statistics.median(packages):.3f} ms",
+        )
+    ]
+
+
 def bench_guardian(sizes: Sizes, work: Path) -> list[Result]:
     """What the guardian costs the pytest process: its start (once per process), telling it
     "done" at the end (it exits, and is reaped), and the CPU it uses while it waits."""
@@ -716,6 +776,7 @@ CASES: dict[str, Callable[[Sizes, Path], list[Result]]] = {
     "hung": bench_hung,
     "pickling": bench_pickling,
     "guardian": bench_guardian,
+    "dumps": bench_dumps,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,8 @@ def test_the_quick_run_measures_every_case(tmp_path: Path) -> None:
     ]
     if sys.platform.startswith("linux"):
         expected += [r"guardian start, in the pytest process", r"guardian done, at pytest's exit"]
+    if hasattr(signal, "SIGRTMIN"):
+        expected += [r"stack-dump handler, per child start"]
     for method in multiprocessing.get_all_start_methods():
         expected += [
             f"worker round trip, {method}",
