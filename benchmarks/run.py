@@ -332,17 +332,24 @@ def bench_workers(sizes: Sizes, work: Path) -> list[Result]:
         else:
             kind, method = key.split()
             throughput = base / variant  # the same number of items: the time ratio inverted
+            floor = PIPE_FLOOR if kind == "pipe" else QUEUE_FLOOR
             results.append(
                 Result(
                     f"{sizes.items} items through mp_{kind}, {method}",
                     round(throughput, 3),
                     "x",
-                    ">= 0.9x",
-                    throughput >= 0.9,
+                    f">= {floor}x",
+                    throughput >= floor,
                     f"{(sizes.items - 1) / variant:,.0f}/s vs {(sizes.items - 1) / base:,.0f}/s raw",
                 )
             )
     return results
+
+
+#: Throughput floors against raw multiprocessing: a pipe's read is one ``recv`` either way
+#: (procsafe adds a ``poll``), a queue's ``get`` already does more than one system call.
+PIPE_FLOOR = 0.95
+QUEUE_FLOOR = 0.9
 
 
 def bench_launchers(sizes: Sizes, work: Path) -> list[Result]:
