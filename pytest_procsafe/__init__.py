@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
-from typing import Final
 
 from pytest_procsafe._version import __version__
 
+TYPE_CHECKING = False  # no typing at run time: a spawn child imports this (`_notyping`)
 if TYPE_CHECKING:
+    from typing import Final
+
     from pytest_procsafe._channels import Channels
     from pytest_procsafe._report import LeakedProcess
     from pytest_procsafe._timeouts import ChannelTimeout

@@ -22,11 +22,14 @@ import contextlib
 import faulthandler
 import os
 from collections.abc import Callable
-from typing import IO
-from typing import Final
 
 from pytest_procsafe import _spawnhook
 from pytest_procsafe import _stacks
+
+TYPE_CHECKING = False  # no typing at run time: a spawn child imports this (`_notyping`)
+if TYPE_CHECKING:
+    from typing import IO
+    from typing import Final
 
 #: The name of the handler among `_spawnhook`'s riders.
 RIDER: Final = "stacks"

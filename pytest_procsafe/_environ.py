@@ -25,10 +25,13 @@ import os
 from collections.abc import Callable
 from collections.abc import Mapping
 from multiprocessing import context
-from typing import Final
-from typing import final
 
 from pytest_procsafe import _spawnhook
+from pytest_procsafe._notyping import final
+
+TYPE_CHECKING = False  # no typing at run time: a spawn child imports this (`_notyping`)
+if TYPE_CHECKING:
+    from typing import Final
 
 #: The name of the environment among `_spawnhook`'s riders.
 RIDER: Final = "environ"

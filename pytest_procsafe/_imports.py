@@ -19,23 +19,26 @@ Runs inside workers: imports neither pytest nor the plugin.
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.machinery
 import importlib.util
 import os
 import site
 import sys
-import sysconfig
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Any
-from typing import Final
-from typing import NamedTuple
-from typing import final
 
 from pytest_procsafe import _spawnhook
+from pytest_procsafe._notyping import final
+
+TYPE_CHECKING = False  # no typing at run time: a spawn child imports this (`_notyping`)
+if TYPE_CHECKING:
+    from typing import Any
+    from typing import Final
+    from typing import NamedTuple
 
 #: The name of the module map among `_spawnhook`'s riders.
 RIDER: Final = "imports"
@@ -45,18 +48,26 @@ RIDER: Final = "imports"
 _SKIPPED: Final = frozenset({"__main__", "__mp_main__"})
 
 
-class Entry(NamedTuple):
-    """Where one module lives: a file, a package's search path, or both."""
+if TYPE_CHECKING:
 
-    #: The module's file (a package's ``__init__.py``); None for a namespace package.
-    file: str | None
-    #: A package's submodule search locations; None for a plain module.
-    paths: tuple[str, ...] | None
+    class Entry(NamedTuple):
+        """Where one module lives: a file, a package's search path, or both."""
+
+        #: The module's file (a package's ``__init__.py``); None for a namespace package.
+        file: str | None
+        #: A package's submodule search locations; None for a plain module.
+        paths: tuple[str, ...] | None
+
+else:  # the same at run time, without typing
+    Entry = collections.namedtuple("Entry", ["file", "paths"])
+    Entry.__doc__ = "Where one module lives: a file, a package's search path, or both."
 
 
 @functools.lru_cache(maxsize=1)
 def _excluded_roots() -> tuple[str, ...]:
     """Directories whose modules every child finds on its own: stdlib and site-packages."""
+    import sysconfig  # the test process's side only: children do not collect
+
     roots: set[str] = set()
     paths = sysconfig.get_paths()
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable
-from typing import Any
-from typing import Final
-from typing import final
 
 from pytest_procsafe import _spawnhook
+from pytest_procsafe._notyping import final
+
+TYPE_CHECKING = False  # no typing at run time: a spawn child imports this (`_notyping`)
+if TYPE_CHECKING:
+    from typing import Any
+    from typing import Final
 
 #: The name of the listener among `_spawnhook`'s riders.
 RIDER: Final = "registrations"
@@ -117,6 +119,9 @@ class Registrations:
     """The test process's view: names its tree registered and did not unregister."""
 
     def __init__(self) -> None:
+        import tempfile  # the test process's side only: a child needs it not (it costs a
+        # spawn child 6 ms: shutil, bz2, lzma, random)
+
         fd, self.path = tempfile.mkstemp(prefix="pytest-procsafe-", suffix=".registrations")
         self._fd = fd
         self._offset = 0

@@ -29,9 +29,13 @@ import multiprocessing
 import sys
 from collections.abc import Callable
 from multiprocessing import spawn
-from typing import Any
-from typing import Final
-from typing import final
+
+from pytest_procsafe._notyping import final
+
+TYPE_CHECKING = False  # no typing at run time: a spawn child imports this (`_notyping`)
+if TYPE_CHECKING:
+    from typing import Any
+    from typing import Final
 
 #: The key of procsafe's entry in multiprocessing's preparation data.
 KEY: Final = "pytest_procsafe"

@@ -20,7 +20,10 @@ import sys
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
-from typing import Final
+
+TYPE_CHECKING = False  # no typing at run time: a spawn child imports this (`_notyping`)
+if TYPE_CHECKING:
+    from typing import Final
 
 #: The signal a worker dumps its stacks on; None where the platform has none.
 SIGNAL: Final[int | None] = (
