@@ -85,7 +85,8 @@ def test_a_dead_weak_proxy_does_not_break_either_walk(
     assert _holders.holders({"p": process}) == {"p": "procsafe_holders_probe.PROCESS"}
 
 
-@pytest.mark.parametrize(
+#: Each way a user's module or class holds a process, and the holder's name for it.
+HOLDS = pytest.mark.parametrize(
     ("hold", "name"),
     [
         (lambda m, p: setattr(m, "SERVER", p), "procsafe_holders_probe.SERVER"),
@@ -97,6 +98,9 @@ def test_a_dead_weak_proxy_does_not_break_either_walk(
     ],
     ids=["attribute", "dict", "nested-list", "instance", "closure", "class"],
 )
+
+
+@HOLDS
 def test_a_holder_is_named_as_a_user_writes_it(
     module: types.ModuleType,
     popen: Callable[[], subprocess.Popen[bytes]],
@@ -115,18 +119,7 @@ class _Holder:
     kept: Any = None
 
 
-@pytest.mark.parametrize(
-    ("hold", "name"),
-    [
-        (lambda m, p: setattr(m, "SERVER", p), "procsafe_holders_probe.SERVER"),
-        (lambda m, p: setattr(m, "LAZY", {"p": p}), "procsafe_holders_probe.LAZY['p']"),
-        (lambda m, p: setattr(m, "ALL", [Thing(), [p]]), "procsafe_holders_probe.ALL[1][0]"),
-        (lambda m, p: setattr(m, "box", _box(p)), "procsafe_holders_probe.box"),
-        (lambda m, p: setattr(m, "run", _closure(p)), "procsafe_holders_probe.run"),
-        (lambda m, p: setattr(_Holder, "kept", p), "_Holder.kept"),
-    ],
-    ids=["attribute", "dict", "nested-list", "instance", "closure", "class"],
-)
+@HOLDS
 def test_the_next_process_a_holder_keeps_is_found_without_a_walk_up(
     module: types.ModuleType,
     popen: Callable[[], subprocess.Popen[bytes]],
