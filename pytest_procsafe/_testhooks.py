@@ -170,25 +170,18 @@ class Checked:
 
     @pytest.hookimpl(trylast=True)  # after pytest's own: the fixtures are torn down
     def pytest_runtest_teardown(self, item: pytest.Item) -> None:
-        checks = self.checks
-        message = checks.test_end()
-        if checks.forked:
-            self._hand_off(item)
+        message = self._test_end(item)
         if message:
             pytest.fail(message, pytrace=False)
 
     def _test_end(self, item: pytest.Item) -> str | None:
         checks = self.checks
         message = checks.test_end()
-        if checks.forked:
-            self._hand_off(item)
+        if checks.forked:  # pytest-forked's test process: the parent takes over
+            found = checks.handoff()
+            if found is not None:
+                item.user_properties.append((_forked.KEY, found))
         return message
-
-    def _hand_off(self, item: pytest.Item) -> None:
-        """pytest-forked's test process: the parent takes over what it found."""
-        found = self.checks.handoff()
-        if found is not None:
-            item.user_properties.append((_forked.KEY, found))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef[object]) -> None:
