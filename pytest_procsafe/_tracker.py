@@ -82,6 +82,7 @@ class Tracker:
         self._holders: dict[tuple[int, float], str | None] = {}  # (pid, start) -> holder
         self._hints = _holders.Hints()  # where holders were found: looked under first
         self._walked: bytes | None = None  # `ProcTable.last_pid` at the last walk
+        self._births_walked = 0  # `births` at the last walk
         self._adopted: dict[int, float] = {}  # pid -> start: reported elsewhere (`adopt`)
         self._spared: dict[int, float] = {}  # pid -> start: not reported, still swept
         self._guardians: set[int] = set()  # other runs' guardians re-parented here
@@ -171,12 +172,17 @@ class Tracker:
         table = self.table
         stamp = table.last_pid() if self.seen else None  # read before the walk it dates
         if stamp is not None and stamp == self._walked:
-            if self._guardians:  # an exit makes no pid: theirs are reaped all the same
-                self._reap_guardians()
-            return
+            if self.births == self._births_walked:
+                if self._guardians:  # an exit makes no pid: theirs are reaped all the same
+                    self._reap_guardians()
+                return
+            # A child started here and no pid handed out: the file does not follow births
+            # (an emulated /proc); walk at every look from now on.
+            table.close_last_pid()
+            stamp = None
         seen = self.seen
         tree = table.tree(self.prune)
-        self._walked = stamp
+        self._walked, self._births_walked = stamp, self.births
         # A known pid under the same parent is taken to be the same process: pids are
         # handed out in sequence, so a reuse between two observations would take the
         # whole pid space going round within one test phase.

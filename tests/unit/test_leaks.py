@@ -432,6 +432,25 @@ def test_with_processes_known_the_tree_is_walked_only_after_a_birth(
     assert "waitid" not in asked  # known children: busy without asking
 
 
+def test_a_last_pid_that_does_not_follow_births_is_given_up(
+    kids: Kids, tracker: Tracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An emulated ``/proc`` whose ``ns_last_pid`` never moves would hide every new
+    descendant of a known process: the first child started here shows it, and every look
+    walks from then on."""
+    monkeypatch.setattr(tracker.table, "last_pid", lambda: b"1\n")
+    owner = Owner("t", "test")
+    first = kids.sleeper()
+    tracker.observe(owner, "call")
+    tracker.observe(owner, "call")  # the stuck value is the last walk's by now
+    second = kids.sleeper()  # a birth this process saw; the stuck file did not move
+    tracker.observe(owner, "call")
+    assert {first.pid, second.pid} <= set(tracker.seen)
+    monkeypatch.undo()
+    assert tracker.table.last_pid() is None  # given up for good
+    tracker.take(owner)
+
+
 @pytest.mark.parametrize("phase", ["setup", "call"])
 def test_a_child_this_process_starts_is_seen_at_the_end_of_its_phase(
     kids: Kids, make_checks: Callable[..., LeakChecks], phase: str
