@@ -25,15 +25,12 @@ from typing import final
 from pytest_procsafe import _forked
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
-from pytest_procsafe import _reaper
 from pytest_procsafe import _registrations
 from pytest_procsafe import _report
-from pytest_procsafe import _running
 from pytest_procsafe import _segments
 from pytest_procsafe import _warnings
 from pytest_procsafe._ledger import Found
 from pytest_procsafe._ledger import Owner
-from pytest_procsafe._machinery import detach
 from pytest_procsafe._proctable import Proc
 from pytest_procsafe._report import LeakedProcess
 from pytest_procsafe._tracker import Tracker
@@ -283,6 +280,8 @@ class LeakChecks(_forked.ForkedChecks):
                     self._stop_deferred()
                     leftovers = self.tracker.leftovers()
                     if leftovers:
+                        from pytest_procsafe import _reaper
+
                         _reaper.stop(leftovers, self.settings.kill_grace, self.tracker.root)
                     self._unlink_deferred()
                 self.tracker.close()
@@ -296,12 +295,17 @@ class LeakChecks(_forked.ForkedChecks):
     def still_running(self) -> str | None:
         """What the running test started and is still running, with stacks: for a test
         that failed (a timeout, an assertion) while its children ran."""
+        from pytest_procsafe import _running
+
         if self.tracker is None or self._test is None:
             return None  # nothing was ever seen under the running test
         return _running.describe(self.tracker, self._test, self._phase)
 
     def emergency(self) -> None:
         """SIGTERM: stop procsafe's workers and (unless keep) everything that leaked, now."""
+        from pytest_procsafe import _reaper
+        from pytest_procsafe import _running
+
         _owned.stop(self.settings.kill_grace, self._since)
         tracker = self.tracker
         if tracker is not None and self.settings.cleanup != "keep":
@@ -314,6 +318,9 @@ class LeakChecks(_forked.ForkedChecks):
     # --- checking one owner ---------------------------------------------------------------
 
     def _check(self, owner: Owner, settings: Settings, *, test: bool) -> str | None:
+        from pytest_procsafe import _reaper
+        from pytest_procsafe._machinery import detach
+
         tracker = self.tracker
         assert tracker is not None
         entries = tracker.take(owner)
@@ -459,6 +466,8 @@ class LeakChecks(_forked.ForkedChecks):
         tracker = self.tracker
         if not self._deferred or tracker is None:
             return
+        from pytest_procsafe import _reaper
+
         deferred, self._deferred = self._deferred, []
         actions = _reaper.stop(
             [proc for proc, _ in deferred], self.settings.kill_grace, tracker.root

@@ -45,7 +45,6 @@ from typing import Literal
 from typing import NamedTuple
 from typing import final
 
-from pytest_procsafe import _holders
 from pytest_procsafe import _owned
 from pytest_procsafe._ledger import Ledger
 from pytest_procsafe._registrations import Registrations
@@ -125,6 +124,8 @@ def in_use() -> set[str]:
     (loky, multiprocess, billiard), alone or inside a queue, lock or pool. Their owner
     unlinks them when it is done: unlinking them now would break the next user
     (``FileNotFoundError`` in ``SemLock._rebuild``)."""
+    from pytest_procsafe import _holders  # only for an entry that would be ours
+
     found = _holders.objects()
     return set(found.semlocks) | set(found.shared_memory)
 

@@ -19,15 +19,13 @@ import os
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from typing import Final
 from typing import final
 
 from pytest_procsafe import _births
-from pytest_procsafe import _holders
-from pytest_procsafe import _machinery
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
-from pytest_procsafe import _reaper
 from pytest_procsafe._guardian import MARK
 from pytest_procsafe._ledger import Found
 from pytest_procsafe._ledger import Ledger
@@ -35,6 +33,10 @@ from pytest_procsafe._ledger import Owner
 from pytest_procsafe._ledger import Seen
 from pytest_procsafe._proctable import Proc
 from pytest_procsafe._report import LeakKind
+
+if TYPE_CHECKING:
+    # Imported where a candidate needs them: a clean run never does (the fixed cost).
+    from pytest_procsafe import _holders
 
 #: How long a candidate may take to finish exiting (a process terminated but not yet
 #: reaped by its parent) before it counts as a leak; spent only when there is a candidate.
@@ -80,7 +82,7 @@ class Tracker:
         self._direct: dict[int, float] = {}  # pid -> start time, forked by this process
         self._created: dict[int, str] = {}  # pid -> where the user's code started it
         self._holders: dict[tuple[int, float], str | None] = {}  # (pid, start) -> holder
-        self._hints = _holders.Hints()  # where holders were found: looked under first
+        self._hints: _holders.Hints | None = None  # where holders were found: looked under first
         self._walked: bytes | None = None  # `ProcTable.last_pid` at the last walk
         self._births_walked = 0  # `births` at the last walk
         self._adopted: dict[int, float] = {}  # pid -> start: reported elsewhere (`adopt`)
@@ -252,6 +254,8 @@ class Tracker:
             if current is None:
                 self._guardians.discard(pid)
             elif current.zombie:
+                from pytest_procsafe import _reaper
+
                 _reaper.reap([current], self.root)
                 self._guardians.discard(pid)
 
@@ -280,6 +284,8 @@ class Tracker:
     def live(self, owner: Owner) -> list[Proc]:
         """*owner*'s processes that still run, without checking them (`take` does that);
         multiprocessing's machinery (forkservers, trackers) left out."""
+        from pytest_procsafe import _machinery
+
         machinery = _machinery.pids()
         out = []
         for pid in self._ledger.peek(owner):
@@ -320,9 +326,14 @@ class Tracker:
     def leftovers(self) -> list[Proc]:
         """Every descendant now that no rule exempts, and those only spared from reports:
         the final sweep's targets."""
+        tree = self.table.tree(self.prune)
+        if not tree:  # the usual end: nothing to tell apart
+            return []
+        from pytest_procsafe import _machinery
+
         machinery = _machinery.pids()
         out = []
-        for pid in self.table.tree(self.prune):
+        for pid in tree:
             if (pid in self.exempt and pid not in self._spared) or pid in machinery:
                 continue
             proc = _proctable.stat(pid)
@@ -368,6 +379,9 @@ class Tracker:
 
     def _look(self, entries: list[Seen], later: Owner, look: _Look) -> tuple[list[Found], bool]:
         """One look at *entries*: the candidates, and whether any may still be exiting."""
+        from pytest_procsafe import _machinery
+        from pytest_procsafe import _reaper
+
         shallow = _reaper.python_children()  # multiprocessing reaps its own first
         machinery, owned = _machinery.pids(), _owned.pids()
         found: list[Found] = []
@@ -412,6 +426,10 @@ class Tracker:
             for item in found
             if item.kind == "leaked" and item.proc.pid in processes
         }
+        from pytest_procsafe import _holders
+
+        if self._hints is None:
+            self._hints = _holders.Hints()
         held = _holders.held_by(
             targets,
             self._holders,
@@ -456,5 +474,7 @@ class _Look:
 
     def objects(self) -> _holders.Found:
         if self._objects is None:
+            from pytest_procsafe import _holders
+
             self._objects = _holders.objects()
         return self._objects

@@ -280,3 +280,33 @@ def test_a_clean_test_runs_no_diagnosis(pytester: pytest.Pytester, mode: str) ->
     ran = set(json.loads((pytester.path / "ran.json").read_text()))
     assert "pytest_procsafe._leaks" in ran, ran
     assert ran.isdisjoint(DIAGNOSIS), sorted(ran & DIAGNOSIS)
+
+
+MODULES_CONFTEST = """
+import json
+import sys
+
+
+def pytest_unconfigure(config):  # after procsafe's own end: the sweep, the guardian
+    with open("modules.json", "w") as file:
+        json.dump(sorted(name for name in sys.modules if name.startswith("pytest_procsafe")), file)
+"""
+
+#: What only a run with something to report or stop needs: a clean run never imports it
+#: (the stack-dump handler's `_dumps` and `_stacks` are set up for every child at startup).
+LEAKS_ONLY: frozenset[str] = (
+    DIAGNOSIS - {"pytest_procsafe._dumps", "pytest_procsafe._stacks"}
+) | {"pytest_procsafe._machinery"}
+
+
+@pytest.mark.parametrize("mode", ["warn", "fail"])
+def test_a_clean_run_imports_nothing_only_leaks_need(pytester: pytest.Pytester, mode: str) -> None:
+    """The fixed cost of a pytest process: the stack, holder, reaping and pickling modules
+    are imported when something is to be explained or stopped, not at startup."""
+    pytester.makeconftest(MODULES_CONFTEST)
+    pytester.makepyfile(test_clean=CLEAN_TESTS)
+    result = run(pytester, f"--procsafe-leaks={mode}")
+    result.assert_outcomes(passed=20)
+    modules = set(json.loads((pytester.path / "modules.json").read_text()))
+    assert "pytest_procsafe._leaks" in modules, modules
+    assert modules.isdisjoint(LEAKS_ONLY), sorted(modules & LEAKS_ONLY)
