@@ -66,7 +66,7 @@ class Sizes:
     hung_grace: float
     hung_targets: str  # which hanging targets (comma-separated) the hung case runs
     starts: int  # process starts of each variant, per start method, in the pickling case
-    guardian_samples: int  # fresh processes that each start and stop a guardian
+    interpreters: int  # fresh interpreters per case that starts them (guardian, dumps)
     guardian_idle: float  # seconds each of them leaves its guardian idle
 
 
@@ -82,7 +82,7 @@ FULL = Sizes(
     hung_grace=0.5,
     hung_targets="hang,hang_ignoring_sigterm",
     starts=60,
-    guardian_samples=20,
+    interpreters=20,
     guardian_idle=2.0,
 )
 QUICK = Sizes(
@@ -97,7 +97,7 @@ QUICK = Sizes(
     hung_grace=0.2,
     hung_targets="hang_ignoring_sigterm",
     starts=3,
-    guardian_samples=2,
+    interpreters=2,
     guardian_idle=0.2,
 )
 
@@ -694,7 +694,7 @@ def bench_dumps(sizes: Sizes, work: Path) -> list[Result]:
     if not hasattr(signal, "SIGRTMIN"):
         return []
     packages, imports, installs = [], [], []
-    for _ in range(sizes.guardian_samples):
+    for _ in range(sizes.interpreters):
         out = subprocess.run(
             [sys.executable, "-c", _DUMPS_SAMPLE, str(work)],
             cwd=work,
@@ -731,7 +731,7 @@ def bench_guardian(sizes: Sizes, work: Path) -> list[Result]:
     if not sys.platform.startswith("linux"):
         return []
     samples = []
-    for _ in range(sizes.guardian_samples):
+    for _ in range(sizes.interpreters):
         done = subprocess.run(
             [sys.executable, "-c", _GUARDIAN_SAMPLE, "0.3", str(sizes.guardian_idle)],
             cwd=work,

@@ -360,26 +360,21 @@ def _describe(
         return None
     if hints is not None:
         hints.note(namespace, attr, root)
-    name = f"{root}.{attr}"
-    obj = child
-    while type(obj) in (dict, list, tuple):
-        below = down.get(id(obj), {}).get(key)
+    chain = [child]  # down towards the target, while through plain containers
+    while type(chain[-1]) in (dict, list, tuple):
+        below = down.get(id(chain[-1]), {}).get(key)
         if below is None:
             break
-        index = _index_of(obj, below)
-        if index is None:
-            break
-        name += f"[{index!r}]"
-        obj = below
-    return name
+        chain.append(below)
+    return _subscripted(f"{root}.{attr}", chain)
 
 
 # What a look down from a hint does not descend into: code and namespaces (a function's
-# globals lead everywhere), and what `holders` does not follow up either.
+# globals lead everywhere: `_look_down` follows only its closure), and what `holders`
+# does not follow up either.
 _NOT_BELOW: Final = frozenset(
     {
         types.ModuleType,
-        types.FunctionType,
         types.BuiltinFunctionType,
         types.MethodType,
         types.CodeType,

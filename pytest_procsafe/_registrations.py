@@ -119,8 +119,7 @@ class Registrations:
     """The test process's view: names its tree registered and did not unregister."""
 
     def __init__(self) -> None:
-        import tempfile  # the test process's side only: a child needs it not (it costs a
-        # spawn child 6 ms: shutil, bz2, lzma, random)
+        import tempfile  # the test process's side only: a spawn child would pay 6 ms
 
         fd, self.path = tempfile.mkstemp(prefix="pytest-procsafe-", suffix=".registrations")
         self._fd = fd

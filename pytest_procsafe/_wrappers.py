@@ -135,32 +135,17 @@ class ProcsafeConnection:
 
     def recv(self, *, timeout: Timeout = DEFAULT) -> Any:
         __tracebackhide__ = True
-        poller = self._poller
-        if timeout is DEFAULT and poller is not None:  # the usual read: one poll at most
-            if not poller.poll(0):  # nothing waiting (or closed: the read says so)
-                self._await("recv()", timeout)
-        elif timeout is not DEFAULT or not self._poll(0.0):  # waiting: no watch to set up
-            self._await("recv()", timeout)
+        self._readable("recv()", timeout)
         return self._conn.recv()
 
     def recv_bytes(self, maxlength: int | None = None, *, timeout: Timeout = DEFAULT) -> bytes:
         __tracebackhide__ = True
-        poller = self._poller
-        if timeout is DEFAULT and poller is not None:  # the usual read: one poll at most
-            if not poller.poll(0):  # nothing waiting (or closed: the read says so)
-                self._await("recv_bytes()", timeout)
-        elif timeout is not DEFAULT or not self._poll(0.0):  # waiting: no watch to set up
-            self._await("recv_bytes()", timeout)
+        self._readable("recv_bytes()", timeout)
         return self._conn.recv_bytes(maxlength)
 
     def recv_bytes_into(self, buf: Any, offset: int = 0, *, timeout: Timeout = DEFAULT) -> int:
         __tracebackhide__ = True
-        poller = self._poller
-        if timeout is DEFAULT and poller is not None:  # the usual read: one poll at most
-            if not poller.poll(0):  # nothing waiting (or closed: the read says so)
-                self._await("recv_bytes_into()", timeout)
-        elif timeout is not DEFAULT or not self._poll(0.0):  # waiting: no watch to set up
-            self._await("recv_bytes_into()", timeout)
+        self._readable("recv_bytes_into()", timeout)
         return self._conn.recv_bytes_into(buf, offset)
 
     def __enter__(self) -> ProcsafeConnection:
@@ -173,6 +158,17 @@ class ProcsafeConnection:
         """Discard what is readable on this end now, without blocking."""
         if not self._conn.closed and self._conn.readable and not self._skipper.ended:
             self._skipper.skip(self._conn)
+
+    def _readable(self, call: str, timeout: Timeout) -> None:
+        """Return once a read will not block (or raise the timeout's error): with the
+        default timeout and data waiting, that is one ``poll``."""
+        __tracebackhide__ = True
+        poller = self._poller
+        if timeout is DEFAULT and poller is not None:  # the usual read
+            if not poller.poll(0):  # nothing waiting (or closed: the read says so)
+                self._await(call, timeout)
+        elif timeout is not DEFAULT or not self._poll(0.0):  # waiting: no watch to set up
+            self._await(call, timeout)
 
     def _await(self, call: str, timeout: Timeout) -> None:
         __tracebackhide__ = True

@@ -238,6 +238,11 @@ def pytest_runtest_protocol(item, nextitem):
 def pytest_sessionfinish(session):
     with open("ran.json", "w") as file:
         json.dump(sorted(RAN), file)
+
+
+def pytest_unconfigure(config):  # after procsafe's own end: the sweep, the guardian
+    with open("modules.json", "w") as file:
+        json.dump(sorted(name for name in sys.modules if name.startswith("pytest_procsafe")), file)
 """
 
 CLEAN_TESTS = """
@@ -269,29 +274,6 @@ DIAGNOSIS: frozenset[str] = frozenset(
 )
 
 
-@pytest.mark.parametrize("mode", ["warn", "fail"])
-def test_a_clean_test_runs_no_diagnosis(pytester: pytest.Pytester, mode: str) -> None:
-    """No stack, holder, pickling or "still running" code runs around a clean test: the
-    leak checks' own observation does (so the profile sees procsafe at all)."""
-    pytester.makeconftest(PROFILED_CONFTEST)
-    pytester.makepyfile(test_clean=CLEAN_TESTS)
-    result = run(pytester, f"--procsafe-leaks={mode}")
-    result.assert_outcomes(passed=20)
-    ran = set(json.loads((pytester.path / "ran.json").read_text()))
-    assert "pytest_procsafe._leaks" in ran, ran
-    assert ran.isdisjoint(DIAGNOSIS), sorted(ran & DIAGNOSIS)
-
-
-MODULES_CONFTEST = """
-import json
-import sys
-
-
-def pytest_unconfigure(config):  # after procsafe's own end: the sweep, the guardian
-    with open("modules.json", "w") as file:
-        json.dump(sorted(name for name in sys.modules if name.startswith("pytest_procsafe")), file)
-"""
-
 #: What only a run with something to report or stop needs: a clean run never imports it
 #: (the stack-dump handler's `_dumps` and `_stacks` are set up for every child at startup).
 LEAKS_ONLY: frozenset[str] = (
@@ -300,13 +282,18 @@ LEAKS_ONLY: frozenset[str] = (
 
 
 @pytest.mark.parametrize("mode", ["warn", "fail"])
-def test_a_clean_run_imports_nothing_only_leaks_need(pytester: pytest.Pytester, mode: str) -> None:
-    """The fixed cost of a pytest process: the stack, holder, reaping and pickling modules
-    are imported when something is to be explained or stopped, not at startup."""
-    pytester.makeconftest(MODULES_CONFTEST)
+def test_a_clean_test_runs_no_diagnosis(pytester: pytest.Pytester, mode: str) -> None:
+    """No stack, holder, pickling or "still running" code runs around a clean test: the
+    leak checks' own observation does (so the profile sees procsafe at all). Nor does a
+    clean run import what only explaining or stopping a leak needs (the fixed cost of a
+    pytest process)."""
+    pytester.makeconftest(PROFILED_CONFTEST)
     pytester.makepyfile(test_clean=CLEAN_TESTS)
     result = run(pytester, f"--procsafe-leaks={mode}")
     result.assert_outcomes(passed=20)
+    ran = set(json.loads((pytester.path / "ran.json").read_text()))
+    assert "pytest_procsafe._leaks" in ran, ran
+    assert ran.isdisjoint(DIAGNOSIS), sorted(ran & DIAGNOSIS)
     modules = set(json.loads((pytester.path / "modules.json").read_text()))
     assert "pytest_procsafe._leaks" in modules, modules
     assert modules.isdisjoint(LEAKS_ONLY), sorted(modules & LEAKS_ONLY)
