@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from typing import Final
 
     from pytest_procsafe._channels import Channels
-    from pytest_procsafe._report import LeakedProcess
+    from pytest_procsafe._leaked import LeakedProcess
     from pytest_procsafe._timeouts import ChannelTimeout
     from pytest_procsafe._warnings import ProcessLeakWarning
     from pytest_procsafe._worker import Worker
@@ -40,7 +40,7 @@ __all__ = [
 _LAZY: Final = {
     "ChannelTimeout": "_timeouts",
     "Channels": "_channels",
-    "LeakedProcess": "_report",
+    "LeakedProcess": "_leaked",
     "ProcessLeakWarning": "_warnings",
     "Worker": "_worker",
     "WorkerCrashed": "_worker",

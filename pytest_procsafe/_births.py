@@ -16,6 +16,11 @@ leak checks' trackers) are told the child's pid:
   shell started in the background;
 * plain ``os.fork`` is seen by the trackers' at-fork hooks, which ask `where` too.
 
+`before` callbacks run just before each of those starts (``os.fork``'s too): what must hold
+before a process's first child exists (the leak checks make the process a subreaper
+there, not at startup). ``multiprocessing`` is wrapped when the run imports it
+(`_afterimport`), not imported here.
+
 The wrappers call the wrapped function unchanged and only look around it; they are in
 place while a listener is. A multiprocessing start that fails to pickle its process object
 (spawn, forkserver) also gets `_pickling`'s note on its exception, which costs nothing
@@ -31,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 from typing import Final
 
+from pytest_procsafe import _afterimport
 from pytest_procsafe import _imports
 
 #: ``listener(pid, where, direct)``: *direct* when the child is this process's own.
@@ -39,7 +45,9 @@ Listener = Callable[[int, "str | None", bool], None]
 NO_PID: Final = 0
 
 _LISTENERS: list[Listener] = []
+_BEFORE: list[Callable[[], None]] = []
 _UNDO: list[Callable[[], None]] = []
+_FORKS_HOOKED: list[bool] = []
 
 # Frames of these packages are never the user's code, wherever they are installed.
 _NOT_USER: Final = frozenset({"pytest_procsafe", "_pytest", "pytest", "pluggy", "xdist"})
@@ -92,6 +100,27 @@ def listen(listener: Listener) -> Callable[[], None]:
     return undo
 
 
+def before(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call *callback* just before each child this process starts from now on (while a
+    listener is installed, and at every ``os.fork``); the undo."""
+    _BEFORE.append(callback)
+    if not _FORKS_HOOKED and hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=_before)  # cannot be undone: it calls what is listed
+        _FORKS_HOOKED.append(True)
+
+    def undo() -> None:
+        if callback in _BEFORE:
+            _BEFORE.remove(callback)
+
+    return undo
+
+
+def _before() -> None:
+    if _BEFORE:
+        for callback in list(_BEFORE):
+            callback()
+
+
 def _tell(pid: object, where_: str | None, direct: bool) -> None:
     if isinstance(pid, int) and pid >= NO_PID:
         for listener in list(_LISTENERS):
@@ -114,11 +143,10 @@ def _patch(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
 
 
 def _install() -> None:
-    from multiprocessing import process
-
     def start(original: Any) -> Any:
         def start(self: Any) -> None:
             at = where()
+            _before()
             try:
                 original(self)
             except Exception as exc:
@@ -132,13 +160,19 @@ def _install() -> None:
 
         return start
 
-    _patch(process.BaseProcess, "start", start)
+    # Each copy of the module that is loaded (pytester's in-process runs drop theirs).
+    _UNDO.append(
+        _afterimport.call(
+            "multiprocessing.process", lambda module: _patch(module.BaseProcess, "start", start)
+        )
+    )
 
     if hasattr(subprocess.Popen, "_execute_child"):
 
         def execute(original: Any) -> Any:
             def _execute_child(self: Any, *args: Any, **kwargs: Any) -> Any:
                 at = where()
+                _before()
                 result = original(self, *args, **kwargs)
                 _tell(getattr(self, "pid", None), at, True)
                 return result
@@ -150,6 +184,7 @@ def _install() -> None:
     def direct(original: Any) -> Any:
         def spawn(*args: Any, **kwargs: Any) -> Any:
             at = where()
+            _before()
             pid = original(*args, **kwargs)
             _tell(pid, at, True)
             return pid
@@ -162,6 +197,7 @@ def _install() -> None:
     def system(original: Any) -> Any:
         def system(command: Any) -> int:
             at = where()
+            _before()
             try:
                 return int(original(command))
             finally:  # the shell is gone (reaped), what it started in the background not

@@ -8,7 +8,6 @@ what is allowed; bad marker values are a collection error naming the keyword.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -117,9 +116,10 @@ def is_xdist_worker(config: pytest.Config) -> bool:
 
 
 @final
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """procsafe's resolved settings for the session or for one test."""
+class Settings(NamedTuple):
+    """procsafe's resolved settings for the session or for one test (immutable; a
+    marker's copy is made with ``_replace``). A named tuple, not a frozen dataclass: that
+    cost every pytest process 0.7 ms at import (benchmarks/README.md)."""
 
     leaks: LeakMode
     start_methods: tuple[str, ...]

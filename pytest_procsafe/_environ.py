@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from collections.abc import Mapping
-from multiprocessing import context
 
 from pytest_procsafe import _spawnhook
 from pytest_procsafe._notyping import final
@@ -59,6 +58,8 @@ class _Stowaway:
     def __reduce__(self) -> tuple[Callable[[dict[str, str] | None], None], tuple[object]]:
         # Taken here, at the launch, not when the preparation data is built: the
         # forkserver asks for that data once when it starts and drops this entry.
+        from multiprocessing import context  # a launch: imported
+
         popen = context.get_spawning_popen()
         if getattr(popen, "method", None) == "spawn":
             return _arrive, (None,)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import final
 
+from pytest_procsafe import _births
 from pytest_procsafe import _forked
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
@@ -32,11 +33,11 @@ from pytest_procsafe import _warnings
 from pytest_procsafe._ledger import Found
 from pytest_procsafe._ledger import Owner
 from pytest_procsafe._proctable import Proc
-from pytest_procsafe._report import LeakedProcess
 from pytest_procsafe._tracker import Tracker
 
 if TYPE_CHECKING:
     from pytest_procsafe._config import Settings
+    from pytest_procsafe._leaked import LeakedProcess
 
 Where = tuple[str, int]
 
@@ -75,7 +76,8 @@ class LeakChecks(_forked.ForkedChecks):
         self._fixtures: dict[object, Owner] = {}
         self._deferred: list[tuple[Proc, str]] = []  # stopped at session end
         self.segments: _segments.SegmentWatch | None = None
-        self._subreaper: bool | None = None
+        self._subreaper: bool | None = None  # what it was before the checks set it
+        self._unhook_subreaper: Callable[[], None] | None = None
         self._ended = False
         #: Why the JSON report could not be written (the run then fails), if it could not.
         self.report_error: str | None = None
@@ -93,9 +95,18 @@ class LeakChecks(_forked.ForkedChecks):
         if self.tracker is None:
             self.tracker = Tracker()
             if not self.tracker.nested:
-                self._subreaper = _proctable.set_subreaper(True)
+                # Just before this process's first child, not now: a run that starts none
+                # has nothing to adopt, and does not load ctypes for it.
+                self._unhook_subreaper = _births.before(self._become_subreaper)
             if os.name == "posix":
                 self.segments = _segments.SegmentWatch(self.tracker.root)
+
+    def _become_subreaper(self) -> None:
+        """Make this process a subreaper (once): orphaned grandchildren come back to it."""
+        unhook, self._unhook_subreaper = self._unhook_subreaper, None
+        if unhook is not None:
+            unhook()
+            self._subreaper = _proctable.set_subreaper(True)
 
     def _current(self) -> Owner:
         if self._stack:
@@ -125,6 +136,8 @@ class LeakChecks(_forked.ForkedChecks):
         self._signal = signal
         busy = tracker.busy()
         if busy:
+            if self._unhook_subreaper is not None:  # a child no wrapper saw start (C code)
+                self._become_subreaper()
             tracker.observe(owner or self._current(), phase)
         segments = self.segments
         if segments is not None and (always or busy or news) and segments.changed():
@@ -288,6 +301,9 @@ class LeakChecks(_forked.ForkedChecks):
             if self.segments is not None:
                 self.segments.close()
         finally:
+            if self._unhook_subreaper is not None:
+                self._unhook_subreaper()
+                self._unhook_subreaper = None
             if self._subreaper is not None:
                 _proctable.set_subreaper(self._subreaper)
                 self._subreaper = None
@@ -336,6 +352,8 @@ class LeakChecks(_forked.ForkedChecks):
         # What an outliving object holds moves to the session, which reports it at the
         # end if it is still running then (and does not look for its holder again).
         found = tracker.classify(entries, later=self._session, find_holders=not session)
+        from pytest_procsafe._leaked import LeakedProcess  # made for candidates only
+
         cleanup = self.settings.cleanup
         leaks: list[tuple[Found, LeakedProcess]] = []
         for item in found:

@@ -8,9 +8,9 @@ in the order they first had something. Imports neither pytest nor the plugin.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from collections.abc import Hashable
+from typing import TYPE_CHECKING
 from typing import Final
 from typing import Generic
 from typing import Literal
@@ -19,7 +19,9 @@ from typing import final
 
 from pytest_procsafe import _proctable
 from pytest_procsafe._proctable import Proc
-from pytest_procsafe._report import LeakKind
+
+if TYPE_CHECKING:
+    from pytest_procsafe._leaked import LeakKind
 
 Where = tuple[str, int]
 
@@ -90,17 +92,37 @@ class Owner:
 
 
 @final
-@dataclasses.dataclass(eq=False)
 class Seen:
-    """A descendant the tracker knows, with its owner at first sight."""
+    """A descendant the tracker knows, with its owner at first sight.
 
-    proc: Proc
-    owner: Owner | None  # None: it existed before this tracker (a nested pytest run)
-    phase: str
-    ppid: int
-    reparented: bool = False
-    #: Who holds it (``module.attr``), once the holder check found one.
-    held_by: str | None = None
+    A plain class, not a dataclass: generating one's methods cost every pytest process
+    about 0.4 ms at import (benchmarks/README.md).
+    """
+
+    __slots__ = ("held_by", "owner", "phase", "ppid", "proc", "reparented")
+
+    def __init__(
+        self,
+        proc: Proc,
+        owner: Owner | None,  # None: it existed before this tracker (a nested pytest run)
+        phase: str,
+        ppid: int,
+        reparented: bool = False,
+        held_by: str | None = None,
+    ) -> None:
+        self.proc = proc
+        self.owner = owner
+        self.phase = phase
+        self.ppid = ppid
+        self.reparented = reparented
+        #: Who holds it (``module.attr``), once the holder check found one.
+        self.held_by = held_by
+
+    def __repr__(self) -> str:
+        return (
+            f"Seen(pid={self.proc.pid}, owner={self.owner!r}, phase={self.phase!r}, "
+            f"ppid={self.ppid}, reparented={self.reparented}, held_by={self.held_by!r})"
+        )
 
 
 @final

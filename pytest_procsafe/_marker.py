@@ -10,7 +10,6 @@ of the module runs. Values have types: seconds are numbers, not strings.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 import re
@@ -96,7 +95,7 @@ def marker_overrides(
         methods = parse_methods(
             where.format("start_methods"), merged["start_methods"], platform=_methods.KNOWN
         )
-    settings = dataclasses.replace(base, **changes) if changes else base  # type: ignore[arg-type]
+    settings = base._replace(**changes) if changes else base  # type: ignore[arg-type]
     return settings, methods
 
 

@@ -7,9 +7,9 @@ default to forkserver. Every fixture uses an explicit context instead.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import re
+import sys
 from collections.abc import Iterable
 from typing import Any
 from typing import Final
@@ -21,8 +21,27 @@ _SEPARATORS: Final = re.compile(r"[\s,]+")
 
 
 def available() -> tuple[str, ...]:
-    """The start methods this platform has, in procsafe's canonical order."""
-    have = set(multiprocessing.get_all_start_methods())
+    """The start methods this platform has, in procsafe's canonical order.
+
+    ``multiprocessing`` says, once it is imported. Before, its rule is applied here, so
+    that a run that starts no process does not import it (and ``pickle``) for the header:
+    spawn alone on Windows; fork and spawn elsewhere, and forkserver where a Unix socket
+    can pass file descriptors (``reduction.HAVE_SEND_HANDLE``). The unit tests hold the
+    two to the same answer.
+    """
+    module = sys.modules.get("multiprocessing")
+    if module is not None:
+        have = set(module.get_all_start_methods())
+    elif sys.platform == "win32":
+        have = {"spawn"}
+    else:
+        import socket
+
+        have = {"fork", "spawn"}
+        if all(hasattr(socket, name) for name in ("CMSG_LEN", "SCM_RIGHTS")) and hasattr(
+            socket.socket, "sendmsg"
+        ):
+            have.add("forkserver")
     return tuple(method for method in KNOWN if method in have)
 
 

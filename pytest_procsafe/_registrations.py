@@ -24,6 +24,7 @@ import contextlib
 import os
 from collections.abc import Callable
 
+from pytest_procsafe import _afterimport
 from pytest_procsafe import _spawnhook
 from pytest_procsafe._notyping import final
 
@@ -68,32 +69,41 @@ def _note(sign: str, name: object, rtype: object) -> None:
 
 
 def _listen() -> Callable[[], None]:
-    """Wrap the tracker module's register/unregister (once per process); the undo."""
-    try:
-        from multiprocessing import resource_tracker
-    except ImportError:  # no tracker on this platform
-        return lambda: None
-    register, unregister = resource_tracker.register, resource_tracker.unregister
-    if getattr(register, "_procsafe", False):
-        return lambda: None
+    """Wrap the tracker module's register/unregister, now if it is imported, else when it
+    is (`_afterimport`; one wrapper per copy of the module); the undo."""
+    undo_wraps: list[Callable[[], None]] = []
 
-    def on_register(name: Any, rtype: str) -> None:
-        register(name, rtype)
-        _note("+", name, rtype)
+    def wrap(resource_tracker: Any) -> None:
+        register, unregister = resource_tracker.register, resource_tracker.unregister
+        if getattr(register, "_procsafe", False):
+            return
 
-    def on_unregister(name: Any, rtype: str) -> None:
-        unregister(name, rtype)
-        _note("-", name, rtype)
+        def on_register(name: Any, rtype: str) -> None:
+            register(name, rtype)
+            _note("+", name, rtype)
 
-    on_register._procsafe = True  # type: ignore[attr-defined]
-    resource_tracker.register = on_register
-    resource_tracker.unregister = on_unregister
+        def on_unregister(name: Any, rtype: str) -> None:
+            unregister(name, rtype)
+            _note("-", name, rtype)
+
+        on_register._procsafe = True  # type: ignore[attr-defined]
+        resource_tracker.register = on_register
+        resource_tracker.unregister = on_unregister
+
+        def undo() -> None:
+            if resource_tracker.register is on_register:  # else someone patched over us
+                resource_tracker.register = register
+            if resource_tracker.unregister is on_unregister:
+                resource_tracker.unregister = unregister
+
+        undo_wraps.append(undo)
+
+    cancel = _afterimport.call("multiprocessing.resource_tracker", wrap)
 
     def undo() -> None:
-        if resource_tracker.register is on_register:  # else someone patched over us
-            resource_tracker.register = register
-        if resource_tracker.unregister is on_unregister:
-            resource_tracker.unregister = unregister
+        cancel()
+        while undo_wraps:
+            undo_wraps.pop()()
 
     return undo
 

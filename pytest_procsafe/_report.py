@@ -12,7 +12,6 @@ instead, with ``pid`` and ``ppid`` None and an empty ``cmdline``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -24,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from typing import Final
-from typing import Literal
 from typing import final
 
 from pytest_procsafe import _stacks
@@ -39,51 +37,6 @@ SEGMENT_KINDS: Final = ("shared_memory", "semaphore")
 WIDTH: Final = 160
 
 Record = Mapping[str, Any]
-Action = Literal["killed", "reaped", "kept"]
-LeakKind = Literal["leaked", "zombie", "orphan"]
-
-
-@final
-@dataclasses.dataclass(frozen=True)
-class LeakedProcess:
-    """One process left behind, as the hooks and the report see it."""
-
-    __module__ = "pytest_procsafe"
-
-    pid: int
-    ppid: int
-    cmdline: tuple[str, ...]
-    kind: LeakKind
-    #: A test node id, ``fixture <name>`` or ``session``.
-    owner: str
-    #: When it was first seen: ``setup``, ``call``, ``teardown``, ``collection``, ``session``.
-    phase: str
-    action: Action
-    #: What it is on the Python side (``ForkPoolWorker-1 of a multiprocessing.pool.Pool``).
-    name: str | None = None
-    #: Who holds it, as a user writes it (``reuse._executor``): a held process belongs to
-    #: the session, not to the test that started it.
-    held_by: str | None = None
-    #: ``path:line`` of the user's code that started it.
-    created_at: str | None = None
-    #: Its Python stack (all threads) when it was found, where one could be had.
-    stack: str | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        """The JSON report's form (plain types only: it also travels between processes)."""
-        return {
-            "owner": self.owner,
-            "kind": self.kind,
-            "pid": self.pid,
-            "ppid": self.ppid,
-            "cmdline": list(self.cmdline),
-            "name": self.name,
-            "phase": self.phase,
-            "action": self.action,
-            "held_by": self.held_by,
-            "created_at": self.created_at,
-            "stack": self.stack,
-        }
 
 
 def where_of(records: Sequence[Record]) -> tuple[str, int] | None:

@@ -19,17 +19,18 @@ The wrapper also fixes two things the original does to a pytest run:
   ``python -m pytest``, where multiprocessing skips a ``__main__`` module by itself.
 
 A rider's object is unpickled in the child, where it calls `carry` again so the child's own
-children get it too. Runs inside workers: imports neither pytest nor the plugin.
+children get it too. ``multiprocessing.spawn`` is wrapped when the run imports it
+(`_afterimport`): a run that starts no multiprocessing child does not import it. Runs
+inside workers: imports neither pytest nor the plugin.
 """
 
 from __future__ import annotations
 
 import functools
-import multiprocessing
 import sys
 from collections.abc import Callable
-from multiprocessing import spawn
 
+from pytest_procsafe import _afterimport
 from pytest_procsafe._notyping import final
 
 TYPE_CHECKING = False  # no typing at run time: a spawn child imports this (`_notyping`)
@@ -84,6 +85,8 @@ class _Wrapper:
     def __call__(self, name: str) -> dict[str, Any]:
         if not _RIDERS:  # no procsafe session in this process: pass the data through
             return self.wrapped(name)
+        import multiprocessing  # imported: it called this
+
         unset = multiprocessing.get_start_method(allow_none=True) is None
         data = self.wrapped(name)
         if unset:
@@ -100,7 +103,10 @@ class _Wrapper:
         return data
 
 
-_STATE: dict[str, _Wrapper | None] = {"wrapper": None}
+# Our wrapper, and the copy of ``multiprocessing.spawn`` it was put into.
+_STATE: dict[str, Any] = {"wrapper": None, "module": None}
+# Undoes the wait for ``multiprocessing.spawn`` (`_afterimport`) while riders are carried.
+_WAIT: list[Callable[[], None]] = []
 
 
 def runs_pytest_script(main: object) -> bool:
@@ -129,10 +135,12 @@ def installed() -> bool:
     (coverage's) is taken to call ours. Only finding what ours wrapped, before ours, means
     ours was taken out (a test's monkeypatch undone).
     """
-    wrapper = _STATE["wrapper"]
-    if wrapper is None:
+    wrapper, spawn = _STATE["wrapper"], _STATE["module"]
+    if wrapper is None or spawn is None:
         return False
-    current: object = spawn.get_preparation_data
+    if sys.modules.get(spawn.__name__) is not spawn:
+        return False  # put into a copy of the module dropped since
+    current: object = getattr(spawn, "get_preparation_data", None)
     for _ in range(32):
         if current is wrapper:
             return True
@@ -151,10 +159,10 @@ def carry(name: str, rider: Rider) -> Callable[[], None]:
     (a pytest run nested in a test hands the outer run's rider back)."""
     previous = _RIDERS.get(name)
     _RIDERS[name] = rider
-    if not installed():
-        wrapper = _Wrapper(spawn.get_preparation_data)
-        _STATE["wrapper"] = wrapper
-        spawn.get_preparation_data = wrapper
+    if not _WAIT:  # wraps the module now if it is imported, else when it is
+        _WAIT.append(_afterimport.call("multiprocessing.spawn", _wrap))
+    elif not installed() and "multiprocessing.spawn" in sys.modules:  # taken out since
+        _wrap(sys.modules["multiprocessing.spawn"])
 
     def undo() -> None:
         if _RIDERS.get(name) is not rider:
@@ -168,14 +176,26 @@ def carry(name: str, rider: Rider) -> Callable[[], None]:
     return undo
 
 
+def _wrap(spawn: Any) -> None:
+    """Put a wrapper into this copy of the module's chain, unless ours is there."""
+    if spawn is _STATE["module"] and installed():
+        return
+    wrapper = _Wrapper(spawn.get_preparation_data)
+    _STATE.update(wrapper=wrapper, module=spawn)
+    spawn.get_preparation_data = wrapper
+
+
 def _uninstall_if_idle() -> None:
-    wrapper = _STATE["wrapper"]
-    if _RIDERS or wrapper is None:
+    if _RIDERS:
+        return
+    while _WAIT:
+        _WAIT.pop()()
+    wrapper, spawn = _STATE["wrapper"], _STATE["module"]
+    if wrapper is None or spawn is None:
         return
     if spawn.get_preparation_data is wrapper:
-        # The stub types the attribute as that exact function; this is the original.
-        spawn.get_preparation_data = wrapper.wrapped  # type: ignore[assignment]
-        _STATE["wrapper"] = None
+        spawn.get_preparation_data = wrapper.wrapped
+        _STATE.update(wrapper=None, module=None)
     # Else something wrapped it after us: ours stays in the chain, passing data through.
 
 

@@ -32,11 +32,11 @@ from pytest_procsafe._ledger import Ledger
 from pytest_procsafe._ledger import Owner
 from pytest_procsafe._ledger import Seen
 from pytest_procsafe._proctable import Proc
-from pytest_procsafe._report import LeakKind
 
 if TYPE_CHECKING:
     # Imported where a candidate needs them: a clean run never does (the fixed cost).
     from pytest_procsafe import _holders
+    from pytest_procsafe._leaked import LeakKind
 
 #: How long a candidate may take to finish exiting (a process terminated but not yet
 #: reaped by its parent) before it counts as a leak; spent only when there is a candidate.

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from pytest_procsafe._report import LeakedProcess
+    from pytest_procsafe._leaked import LeakedProcess
 
 
 @pytest.hookspec(firstresult=True)

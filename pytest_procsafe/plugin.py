@@ -7,7 +7,6 @@ of their own.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import sys
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -176,6 +175,8 @@ def mp_context(mp_start_method: str) -> BaseContext:
             f"procsafe: mp_start_method returned {mp_start_method!r}; "
             f"allowed: {', '.join(_methods.KNOWN)}"
         )
+    import multiprocessing  # here: a run that starts no worker does not import it
+
     try:
         return multiprocessing.get_context(mp_start_method)
     except ValueError as exc:

@@ -19,4 +19,5 @@ def _not_on_ci(monkeypatch: pytest.MonkeyPatch) -> None:
 def fresh_spawnhook(monkeypatch: pytest.MonkeyPatch) -> None:
     """`_spawnhook` as in a process with no procsafe session (this run has one)."""
     monkeypatch.setattr(_spawnhook, "_RIDERS", {})
-    monkeypatch.setattr(_spawnhook, "_STATE", {"wrapper": None})
+    monkeypatch.setattr(_spawnhook, "_STATE", {"wrapper": None, "module": None})
+    monkeypatch.setattr(_spawnhook, "_WAIT", [])

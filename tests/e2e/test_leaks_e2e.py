@@ -500,3 +500,36 @@ def test_no_process_outlives_the_run_however_it_ends(
     }[ending]
     assert inner.returncode == expected, text
     assert gone(pids), text
+
+
+# --- the subreaper: set before the run's first child, not at startup --------------------
+
+FIRST_CHILD = """
+    import subprocess
+
+
+    def test_1_clean_run_so_far():
+        import ctypes
+
+        value = ctypes.c_int(-1)
+        assert ctypes.CDLL(None).prctl(37, ctypes.byref(value), 0, 0, 0) == 0  # GET
+        assert value.value == 0, "a subreaper before any child"
+
+
+    def test_2_first_child_leaves_an_orphan():
+        # The shell exits at once; its background sleep must come back to pytest.
+        subprocess.run(["sh", "-c", "sleep 60 & echo $!"], check=True, capture_output=True)
+"""
+
+
+def test_the_run_becomes_a_subreaper_before_its_first_child(pytester: pytest.Pytester) -> None:
+    """A run that starts no child is no subreaper (nor loads ctypes for it); its first
+    child's orphan still comes back to it, and is reported and stopped."""
+    pytester.makepyfile(test_first=FIRST_CHILD)
+    result = run(pytester, "--procsafe-leaks=fail", "--procsafe-report=report.json")
+    result.assert_outcomes(passed=2, errors=1)
+    data = report(pytester)
+    assert [(leak["owner"], leak["kind"]) for leak in data["leaks"]] == [
+        ("test_first.py::test_2_first_child_leaves_an_orphan", "orphan")
+    ]
+    assert gone([leak["pid"] for leak in data["leaks"]])

@@ -94,6 +94,7 @@ def test_a_plain_process(mp_context, mp_start_method):
 #: What procsafe's riders import in a spawn or forkserver child: nothing more.
 CHILD_SIDE = {
     "pytest_procsafe",
+    "pytest_procsafe._afterimport",
     "pytest_procsafe._dumps",
     "pytest_procsafe._environ",
     "pytest_procsafe._imports",

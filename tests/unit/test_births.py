@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from collections.abc import Iterator
 
 import pytest
@@ -111,3 +112,80 @@ def test_the_trackers_of_multiprocessings_relatives_are_machinery(command: str) 
     finally:
         child.kill()
         child.join(WAIT)
+
+
+def _start_popen() -> int | None:
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(WAIT)
+    return child.pid
+
+
+def _start_posix_spawn() -> int | None:
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-c", "pass"], dict(os.environ))
+    os.waitpid(pid, 0)
+    return pid
+
+
+def _start_system() -> int | None:
+    os.system("true")
+    return None  # the shell: told as NO_PID
+
+
+def _start_fork() -> int | None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def _start_process(method: str) -> int | None:
+    process = multiprocessing.get_context(method).Process(  # type: ignore[attr-defined]
+        target=time.sleep, args=(0,)
+    )
+    process.start()
+    process.join(WAIT)
+    pid = process.pid
+    assert isinstance(pid, int)
+    return pid
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        _start_popen,
+        _start_posix_spawn,
+        _start_system,
+        _start_fork,
+        *(
+            pytest.param(lambda m=m: _start_process(m), id=f"process-{m}")
+            for m in ("fork", "spawn", "forkserver")
+        ),
+    ],
+)
+def test_before_runs_before_the_child_exists(start: Callable[[], int | None]) -> None:
+    """What must hold before a first child (the subreaper) is done before it exists."""
+    events: list[tuple[str, object]] = []
+    undo_listen = _births.listen(lambda pid, where, direct: events.append(("told", pid)))
+    undo = _births.before(lambda: events.append(("before", set(_proctable.children(ROOT)))))
+    try:
+        pid = start()
+    finally:
+        undo()
+        undo_listen()
+    kinds = [kind for kind, _ in events]
+    assert kinds, "before was not called"
+    assert kinds[0] == "before", events
+    if pid is not None:
+        assert all(
+            isinstance(seen, set) and pid not in seen for kind, seen in events if kind == "before"
+        )
+        if "told" in kinds:  # every launcher but a plain fork tells its listeners
+            assert kinds.index("before") < kinds.index("told")
+    else:
+        assert ("told", _births.NO_PID) in events
+    count = len(events)
+    start()  # undone: neither is called again
+    assert len(events) == count

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
 
 import pytest
 
@@ -11,6 +13,20 @@ def test_available_is_the_platform_set_in_canonical_order() -> None:
     here = _methods.available()
     assert set(here) == set(multiprocessing.get_all_start_methods()) & set(_methods.KNOWN)
     assert list(here) == [m for m in _methods.KNOWN if m in here]
+
+
+def test_available_before_multiprocessing_is_imported_is_what_it_says_after() -> None:
+    """Before the import, `available` applies multiprocessing's rule itself: the two
+    answers must not drift apart on any Python this runs on."""
+    code = (
+        "import sys; from pytest_procsafe import _methods; before = _methods.available(); "
+        "assert 'multiprocessing' not in sys.modules, 'imported'; "
+        "import multiprocessing; print(before == _methods.available(), before)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.startswith("True "), out.stdout + out.stderr
 
 
 @pytest.mark.parametrize(
