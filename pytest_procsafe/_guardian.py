@@ -66,16 +66,11 @@ from typing import final
 from pytest_procsafe import _escalate
 from pytest_procsafe import _proctable
 from pytest_procsafe import _stacks
+from pytest_procsafe._guardwire import MARK as MARK
+from pytest_procsafe._guardwire import SHIELD as SHIELD
+from pytest_procsafe._guardwire import VARIABLE as VARIABLE
 from pytest_procsafe._proctable import Proc
 
-#: The environment variable every process of the run inherits; its value is the run's token.
-VARIABLE: Final = "PYTEST_PROCSAFE_RUN"
-#: In every guardian's command line: guardians never stop each other.
-MARK: Final = "pytest_procsafe._guardian import main"
-#: Blocked in the guardian from its start (inherited through exec): see the module docstring.
-SHIELD: Final = frozenset(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
-)
 _TRACKER: Final = "multiprocessing.resource_tracker import main"
 
 

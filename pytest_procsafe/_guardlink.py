@@ -26,11 +26,10 @@ from typing import Final
 from typing import final
 
 from pytest_procsafe import _dumps
-from pytest_procsafe import _escalate
 from pytest_procsafe import _proctable
-from pytest_procsafe._guardian import MARK
-from pytest_procsafe._guardian import SHIELD
-from pytest_procsafe._guardian import VARIABLE
+from pytest_procsafe._guardwire import MARK
+from pytest_procsafe._guardwire import SHIELD
+from pytest_procsafe._guardwire import VARIABLE
 
 _BOOT: Final = (
     # Appended: for an installed wheel it is site-packages, which must not shadow stdlib.
@@ -150,6 +149,8 @@ class Guardian:
         return current is None or current.zombie
 
     def _kill(self) -> None:
+        from pytest_procsafe import _escalate  # a guardian that did not exit: rare
+
         if self._popen is not None:
             self._popen.kill()
             self._popen.wait(_escalate.KILL_WAIT)
@@ -253,6 +254,8 @@ def _detached(argv: list[str], options: dict[str, Any]) -> _proctable.Proc | Non
     try:
         out, _ = shell.communicate(timeout=SHELL_WAIT)
     except subprocess.TimeoutExpired:
+        from pytest_procsafe import _escalate
+
         shell.kill()
         shell.wait(_escalate.KILL_WAIT)
         return None

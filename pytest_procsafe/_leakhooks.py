@@ -21,7 +21,6 @@ from pytest_procsafe import _guardlink
 from pytest_procsafe import _leaks
 from pytest_procsafe import _owned
 from pytest_procsafe import _report
-from pytest_procsafe import _summary
 from pytest_procsafe import _testhooks
 
 _GUARD: Final = pytest.StashKey["Guard"]()
@@ -142,6 +141,10 @@ class SessionHooks:
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         checks = self.checks
+        if not checks.report.records and checks.report_error is None:
+            return  # a clean run has no section (`_summary.write`): nothing to import
+        from pytest_procsafe import _summary
+
         _summary.write(
             terminalreporter,
             checks.report,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -29,7 +30,6 @@ from pytest_procsafe import _proctable
 from pytest_procsafe import _registrations
 from pytest_procsafe import _report
 from pytest_procsafe import _segments
-from pytest_procsafe import _warnings
 from pytest_procsafe._ledger import Found
 from pytest_procsafe._ledger import Owner
 from pytest_procsafe._proctable import Proc
@@ -78,6 +78,7 @@ class LeakChecks(_forked.ForkedChecks):
         self.segments: _segments.SegmentWatch | None = None
         self._subreaper: bool | None = None  # what it was before the checks set it
         self._unhook_subreaper: Callable[[], None] | None = None
+        self._subreaper_lock = threading.Lock()  # two threads may start the first children
         self._ended = False
         #: Why the JSON report could not be written (the run then fails), if it could not.
         self.report_error: str | None = None
@@ -103,10 +104,11 @@ class LeakChecks(_forked.ForkedChecks):
 
     def _become_subreaper(self) -> None:
         """Make this process a subreaper (once): orphaned grandchildren come back to it."""
-        unhook, self._unhook_subreaper = self._unhook_subreaper, None
-        if unhook is not None:
-            unhook()
-            self._subreaper = _proctable.set_subreaper(True)
+        with self._subreaper_lock:
+            unhook, self._unhook_subreaper = self._unhook_subreaper, None
+            if unhook is not None:
+                unhook()
+                self._subreaper = _proctable.set_subreaper(True)
 
     def _current(self) -> Owner:
         if self._stack:
@@ -477,6 +479,8 @@ class LeakChecks(_forked.ForkedChecks):
         return self._hook.pytest_procsafe_ignore(process=record) is True
 
     def _warn(self, message: str, where: Where | None, *, escalate: bool) -> None:
+        from pytest_procsafe import _warnings  # a leak to warn of: a clean run never does
+
         if not _warnings.warn(message, where, escalate=escalate):
             self.failed = True  # escalated by -W error outside a test: the run fails
 

@@ -26,7 +26,7 @@ from typing import final
 from pytest_procsafe import _births
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
-from pytest_procsafe._guardian import MARK
+from pytest_procsafe._guardwire import MARK
 from pytest_procsafe._ledger import Found
 from pytest_procsafe._ledger import Ledger
 from pytest_procsafe._ledger import Owner

@@ -278,7 +278,14 @@ DIAGNOSIS: frozenset[str] = frozenset(
 #: (the stack-dump handler's `_dumps` and `_stacks` are set up for every child at startup).
 LEAKS_ONLY: frozenset[str] = (
     DIAGNOSIS - {"pytest_procsafe._dumps", "pytest_procsafe._stacks"}
-) | {"pytest_procsafe._machinery"}
+) | {
+    "pytest_procsafe._machinery",
+    "pytest_procsafe._leaked",  # the record of a leak
+    "pytest_procsafe._warnings",  # the warning of one
+    "pytest_procsafe._summary",  # the terminal section, which a clean run does not have
+    "pytest_procsafe._escalate",  # stopping a process
+    "pytest_procsafe._guardian",  # the guardian's own module runs in the guardian only
+}
 
 #: What only a run that starts processes needs: multiprocessing is wrapped once the run
 #: imports it, the subreaper set (through ctypes) before its first child.
