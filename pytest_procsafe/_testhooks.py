@@ -38,8 +38,9 @@ from pytest_procsafe import _marker
 _PLAIN: Final = "procsafe-tests"
 _CHECKED: Final = "procsafe-leak-tests"
 
-# The fixtures pytest makes for xunit-style and unittest setups, and the method each runs.
-_XUNIT: Final = re.compile(
+# The fixtures pytest makes for xunit-style and unittest setups, and the method each runs
+# (compiled at the first wider-scoped fixture: a run with none does not pay for it).
+_XUNIT: Final = (
     r"_(?:unittest|xunit)_(setUpClass|setup_class|setup_module|setUpModule)_fixture_(.+)"
 )
 
@@ -73,7 +74,7 @@ def fixture_owner(fixturedef: pytest.FixtureDef[object]) -> tuple[str, tuple[str
     ``_unittest_setUpClass_fixture_TestX``) and point at that method.
     """
     func = fixturedef.func
-    match = _XUNIT.fullmatch(fixturedef.argname)
+    match = re.fullmatch(_XUNIT, fixturedef.argname)  # compiled once, then re's cache
     if match is None:
         code = getattr(func, "__code__", None)
         where = None if code is None else (code.co_filename, code.co_firstlineno)
