@@ -6,6 +6,7 @@ import importlib
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -117,3 +118,65 @@ def test_a_submodule_of_the_standard_library_in_a_fresh_interpreter() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "SourceFileLoader"
+
+
+# --- procsafe's wrappers follow a copy of multiprocessing loaded later -------------------
+
+
+@pytest.fixture
+def fresh_copy(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], ModuleType]:
+    """Load a second copy of a multiprocessing module, as after pytester's in-process run
+    dropped the first from ``sys.modules``; the original is put back afterwards."""
+
+    def load(name: str) -> ModuleType:
+        package, _, attribute = name.rpartition(".")
+        original = importlib.import_module(name)
+        monkeypatch.setitem(sys.modules, name, original)  # put back at the end
+        monkeypatch.setattr(sys.modules[package], attribute, original)
+        del sys.modules[name]
+        return importlib.import_module(name)
+
+    return load
+
+
+def test_the_start_wrapper_follows_a_new_copy_of_the_process_module(
+    fresh_copy: Callable[[str], ModuleType],
+) -> None:
+    from pytest_procsafe import _births
+
+    undo = _births.listen(lambda pid, where, direct: None)
+    try:
+        module = fresh_copy("multiprocessing.process")
+        assert getattr(module.BaseProcess.start, "_procsafe_births", False)
+    finally:
+        undo()
+    # This run's own leak checks listen too: the copy stays wrapped while they do.
+
+
+def test_the_preparation_data_wrapper_follows_a_new_copy_of_spawn(
+    fresh_copy: Callable[[str], ModuleType], fresh_spawnhook: None
+) -> None:
+    from pytest_procsafe import _spawnhook
+
+    undo = _spawnhook.carry("probe", lambda: "here")
+    try:
+        module = fresh_copy("multiprocessing.spawn")
+        assert _spawnhook.installed()
+        data = module.get_preparation_data("probe")
+        assert data[_spawnhook.KEY]["probe"] == "here"
+    finally:
+        undo()
+    assert not isinstance(module.get_preparation_data, _spawnhook._Wrapper)  # undone
+
+
+def test_the_registrations_follow_a_new_copy_of_the_resource_tracker(
+    fresh_copy: Callable[[str], ModuleType],
+) -> None:
+    from pytest_procsafe import _registrations
+
+    undo = _registrations._listen()
+    try:
+        module = fresh_copy("multiprocessing.resource_tracker")
+        assert getattr(module.register, "_procsafe", False)
+    finally:
+        undo()
