@@ -80,15 +80,18 @@ class Watch:
         *,
         stuck: Callable[[], bool],
         stuck_reason: str,
+        started: float | None = None,
     ) -> _R:
         """Call ``attempt(seconds)`` in short steps until it returns anything but `MISS`.
 
         Raises `ChannelTimeout` when the timeout passes, or as soon as the senders are
         gone while ``stuck()`` still holds (*stuck_reason* says what that means).
+        *started*: the ``time.monotonic()`` the wait began at, when the caller already
+        waited a first step itself (the channels' reads do, without building a closure).
         """
         __tracebackhide__ = True  # pytest shows the test's own call, not this loop
         limit = self.timeout if timeout is DEFAULT else timeout
-        start = time.monotonic()
+        start = time.monotonic() if started is None else started
         while True:
             left = limit - (time.monotonic() - start)
             result = attempt(max(0.0, min(STEP, left)))

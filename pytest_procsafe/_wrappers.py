@@ -78,6 +78,8 @@ class ProcsafeConnection:
         self._conn = conn
         self._label = label
         self._watch = watch
+        # The first step of a default read's wait, in poll's milliseconds (`_readable`).
+        self._first_ms = math.ceil(min(STEP, watch.timeout) * 1000)
         self._sent = False
         self._skipper = Skipper()
         self._poller: Any = None
@@ -161,16 +163,25 @@ class ProcsafeConnection:
 
     def _readable(self, call: str, timeout: Timeout) -> None:
         """Return once a read will not block (or raise the timeout's error): with the
-        default timeout and data waiting, that is one ``poll``."""
-        __tracebackhide__ = True
-        poller = self._poller
-        if timeout is DEFAULT and poller is not None:  # the usual read
-            if not poller.poll(0):  # nothing waiting (or closed: the read says so)
-                self._await(call, timeout)
-        elif timeout is not DEFAULT or not self._poll(0.0):  # waiting: no watch to set up
-            self._await(call, timeout)
+        default timeout, one ``poll`` when data is waiting or comes within a step.
 
-    def _await(self, call: str, timeout: Timeout) -> None:
+        That step is the bounded wait's first, counted in it: a reader faster than its
+        writer then waits in the kernel, not in Python code, for each message."""
+        __tracebackhide__ = True
+        if timeout is DEFAULT:
+            poller = self._poller
+            if poller is None and _POLL is not None and not self._conn.closed:
+                poller = self._poller = _poller(self._conn)
+            if poller is not None:  # the usual read
+                started = time.monotonic()
+                if not poller.poll(self._first_ms):  # not within a step (closed: the read says)
+                    self._await(call, timeout, started)
+                return
+            if self._poll(0.0):  # no select.poll (Windows), or closed: the read says so
+                return
+        self._await(call, timeout)
+
+    def _await(self, call: str, timeout: Timeout, started: float | None = None) -> None:
         __tracebackhide__ = True
         if timeout is None:
             return  # explicitly unbounded: the plain blocking read
@@ -185,6 +196,7 @@ class ProcsafeConnection:
             limit,
             stuck=lambda: not self._poll(0.0),
             stuck_reason="nothing is pending",
+            started=started,
         )
 
     def _poll(self, timeout: float) -> bool:
@@ -265,8 +277,10 @@ class ProcsafeQueue(_QueueBase):
         if not block:
             return super().get(False)
         get = super().get
-        try:
-            return get(False)  # an item is waiting: no watch to set up
+        watch = self._procsafe_watch
+        started = time.monotonic()
+        try:  # an item is waiting or comes within a step: no watch to set up (see `recv`)
+            return get(True, min(STEP, watch.timeout))
         except Empty:
             pass
 
@@ -276,12 +290,13 @@ class ProcsafeQueue(_QueueBase):
             except Empty:
                 return MISS
 
-        return self._procsafe_watch.wait(
+        return watch.wait(
             f"get() on {self._procsafe_label}",
             attempt,
             DEFAULT,
             stuck=self.empty,
             stuck_reason="nothing is pending",
+            started=started,
         )
 
     def put(self, obj: Any, block: bool = True, timeout: Timeout = DEFAULT) -> None:

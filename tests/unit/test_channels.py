@@ -31,6 +31,7 @@ from pytest_procsafe import _owned
 from pytest_procsafe._channels import Channels
 from pytest_procsafe._frames import Skipper
 from pytest_procsafe._timeouts import ChannelTimeout
+from pytest_procsafe._timeouts import Watch
 from pytest_procsafe._wrappers import ProcsafeConnection
 from pytest_procsafe._wrappers import ProcsafeQueue
 
@@ -255,6 +256,37 @@ def test_a_read_fails_fast_once_every_worker_died(lab: Lab, call: str) -> None:
             call
         ]
     )
+
+
+@pytest.mark.parametrize("kind", ["pipe", "queue"])
+def test_a_reads_first_step_counts_against_its_timeout(
+    local: Lab, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A default read waits its first step without the bounded wait's machinery; the
+    wait's clock still starts before that step, so the timeout is not extended by it."""
+    channels = local.channels(timeout=0.2)
+    begun: list[float | None] = []
+    wait = Watch.wait
+
+    def spy(self: Watch, *args: Any, **kwargs: Any) -> Any:
+        begun.append(kwargs.get("started"))
+        return wait(self, *args, **kwargs)
+
+    monkeypatch.setattr(Watch, "wait", spy)
+    if kind == "pipe":
+        left, _right = channels.pipe(name="p")
+        read: Callable[[], object] = left.recv
+    else:
+        read = channels.queue(name="q").get
+    before = time.monotonic()
+    with pytest.raises(ChannelTimeout, match=r"timed out after 0\.2s"):
+        read()
+    after = time.monotonic()
+    assert len(begun) == 1
+    started = begun[0]
+    assert started is not None, "the wait started its own clock after the first step"
+    assert before <= started <= before + 0.04 < after  # before the first step's 50 ms
+    channels.close()
 
 
 def test_a_read_times_out_while_a_worker_runs(lab: Lab) -> None:
