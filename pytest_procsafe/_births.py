@@ -17,9 +17,10 @@ leak checks' trackers) are told the child's pid:
 * plain ``os.fork`` is seen by the trackers' at-fork hooks, which ask `where` too.
 
 `before` callbacks run just before each of those starts (``os.fork``'s too): what must hold
-before a process's first child exists (the leak checks make the process a subreaper
-there, not at startup). ``multiprocessing`` is wrapped when the run imports it
-(`_afterimport`), not imported here.
+before a process's first child exists (the leak checks start the guardian and make the
+process a subreaper there, not at startup). What a thread starts inside `unheard`
+(procsafe's own guardian shell) is neither told nor preceded by callbacks.
+``multiprocessing`` is wrapped when the run imports it (`_afterimport`), not imported here.
 
 The wrappers call the wrapped function unchanged and only look around it; they are in
 place while a listener is. A multiprocessing start that fails to pickle its process object
@@ -29,10 +30,13 @@ unless a start fails. Imports neither pytest nor the plugin.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 from typing import Final
 
@@ -48,6 +52,7 @@ _LISTENERS: list[Listener] = []
 _BEFORE: list[Callable[[], None]] = []
 _UNDO: list[Callable[[], None]] = []
 _FORKS_HOOKED: list[bool] = []
+_UNHEARD = threading.local()  # .on: this thread is inside `unheard`
 
 # Frames of these packages are never the user's code, wherever they are installed.
 _NOT_USER: Final = frozenset({"pytest_procsafe", "_pytest", "pytest", "pluggy", "xdist"})
@@ -115,13 +120,27 @@ def before(callback: Callable[[], None]) -> Callable[[], None]:
     return undo
 
 
+@contextlib.contextmanager
+def unheard() -> Iterator[None]:
+    """What this thread starts inside is procsafe's own: no listener is told of it, no
+    `before` callback runs for it."""
+    previous = getattr(_UNHEARD, "on", False)
+    _UNHEARD.on = True
+    try:
+        yield
+    finally:
+        _UNHEARD.on = previous
+
+
 def _before() -> None:
-    if _BEFORE:
+    if _BEFORE and not getattr(_UNHEARD, "on", False):
         for callback in list(_BEFORE):
             callback()
 
 
 def _tell(pid: object, where_: str | None, direct: bool) -> None:
+    if getattr(_UNHEARD, "on", False):
+        return
     if isinstance(pid, int) and pid >= NO_PID:
         for listener in list(_LISTENERS):
             listener(pid, where_, direct)

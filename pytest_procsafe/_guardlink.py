@@ -168,11 +168,17 @@ def _close(fd: int) -> int:
 
 
 def spawn(
-    *, grace: float, keep: bool, token: str | None = None, stacks: str | None = None
+    *,
+    grace: float,
+    keep: bool,
+    token: str | None = None,
+    stacks: str | None = None,
+    stderr: int | None = None,
 ) -> Guardian | None:
     """Start a guardian for this process; None where that cannot be done (no pipes and
     fork-free spawning, a failing interpreter start). Sets `VARIABLE` to the run's token
-    in ``os.environ`` (the caller undoes it)."""
+    in ``os.environ`` (the caller undoes it). *stderr*: the file descriptor it writes to
+    (what it stops and why); by default this process's own fd 2."""
     if os.name != "posix" or not sys.executable:  # embedded interpreters may have none
         return None
     me = _proctable.stat(os.getpid())
@@ -206,7 +212,8 @@ def spawn(
     # survive exec): a Ctrl-C now is delivered to pytest once unblocked, never lost.
     old = signal.pthread_sigmask(signal.SIG_BLOCK, SHIELD)
     try:
-        guardian = _start(argv, [fd for fd in (reader, pidfd) if fd >= 0], writer, token)
+        fds = [fd for fd in (reader, pidfd) if fd >= 0]
+        guardian = _start(argv, fds, writer, token, stderr)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         os.close(reader)
@@ -219,11 +226,14 @@ def spawn(
     return guardian
 
 
-def _start(argv: list[str], fds: list[int], writer: int, token: str) -> Guardian | None:
+def _start(
+    argv: list[str], fds: list[int], writer: int, token: str, stderr: int | None
+) -> Guardian | None:
     """Start the guardian in the background of a shell that exits at once (so that it is
     nobody's child here); as a child only where there is no shell."""
     options: dict[str, Any] = {
         "stdin": subprocess.DEVNULL,
+        "stderr": stderr,
         "pass_fds": fds,
         "cwd": "/",
         "start_new_session": True,
@@ -285,12 +295,14 @@ def hook_forks() -> None:
         _SHARED["hooked"] = True
 
 
-def acquire(*, grace: float, keep: bool) -> Guardian | None:
-    """This process's guardian, started on first use; pair every call with `release`."""
+def acquire(*, grace: float, keep: bool, stderr: int | None = None) -> Guardian | None:
+    """This process's guardian, started on first use; pair every call with `release`.
+    *stderr*: see `spawn` (a run that starts it mid-test passes the real one: pytest's
+    capture may hold fd 2 then)."""
     guardian = _SHARED["guardian"]
     if not isinstance(guardian, Guardian):
         previous = os.environ.get(VARIABLE)
-        guardian = spawn(grace=grace, keep=keep, stacks=_dumps.directory())
+        guardian = spawn(grace=grace, keep=keep, stacks=_dumps.directory(), stderr=stderr)
         if guardian is None:
             _restore(previous)
             return None

@@ -3,18 +3,22 @@
 `SessionHooks` is registered in every mode (under ``leaks=off`` procsafe still stops its own
 workers at the end); the per-test hooks (`_testhooks`) check only while checks are on:
 under ``off`` a test pays only for the marker check and the pickling note's hook.
-`Guard` starts the guardian (`_guardlink`) with the checks, tells it about every process
-the checks see, and tells it "done" once the checks' final sweep has finished.
+`Guard` starts the guardian (`_guardlink`) just before the run's first child (a run that
+starts no process leaves nothing for it to stop), tells it about every process the checks
+see, and tells it "done" once the checks' final sweep has finished.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
 from typing import Final
 from typing import final
 
 import pytest
 
+from pytest_procsafe import _births
 from pytest_procsafe import _cutshort
 from pytest_procsafe import _forked
 from pytest_procsafe import _guardlink
@@ -27,13 +31,11 @@ _GUARD: Final = pytest.StashKey["Guard"]()
 
 
 def start(config: pytest.Config, checks: _leaks.LeakChecks) -> None:
-    """Turn the per-test checks on (and the guardian with them)."""
-    guard = config.stash.get(_GUARD, None)
-    if guard is not None:  # first: once the checks make this process a subreaper, a
-        guard.start()  # process started in the background would come back as its child
+    """Turn the per-test checks on (and the guardian with them, at the first child)."""
     checks.activate()
+    guard = config.stash.get(_GUARD, None)
     if guard is not None:
-        guard.attach()
+        checks.on_first_child = guard.start
     _testhooks.turn_on(config, checks)
     # pytest-forked (its entry point's name): each test may run in a forked process.
     if any(config.pluginmanager.has_plugin(name) for name in ("pytest_forked", "forked")):
@@ -50,18 +52,33 @@ class Guard:
         self._guardian: _guardlink.Guardian | None = None
         self._swept = False
         config.stash[_GUARD] = self
+        # The guardian starts mid-test, while pytest's capture may hold fd 2: it writes to
+        # the stderr of now (configure, capture suspended), as when it started here.
+        try:
+            self._stderr = os.dup(2)
+        except OSError:  # no stderr at all
+            self._stderr = -1
 
     def start(self) -> None:
-        if self._guardian is not None or self._checks.tracker is not None:
+        """Start (or share) the guardian: `LeakChecks` calls this once, just before this
+        process's first child, and before it becomes a subreaper (or the guardian, started
+        in a shell's background, would come back as its child)."""
+        if self._guardian is not None:
             return
         settings = self._checks.settings
-        guardian = _guardlink.acquire(grace=settings.kill_grace, keep=settings.cleanup == "keep")
+        with _births.unheard():  # the guardian's shell is procsafe's, not a test's child
+            guardian = _guardlink.acquire(
+                grace=settings.kill_grace,
+                keep=settings.cleanup == "keep",
+                stderr=self._stderr if self._stderr >= 0 else None,
+            )
         if guardian is None:  # no guardian on this platform: the checks still run
             return
         self._guardian = guardian
         _owned.add_pid(guardian.pid, _owned.GUARDIAN)
+        self._attach()
 
-    def attach(self) -> None:
+    def _attach(self) -> None:
         """Tell the guardian of every process the checks see from now on."""
         guardian, tracker = self._guardian, self._checks.tracker
         if guardian is None or tracker is None:
@@ -88,6 +105,10 @@ class Guard:
     def close(self) -> None:
         """Last: "done" when the sweep finished; otherwise the guardian stops what is left."""
         guardian, self._guardian = self._guardian, None
+        if self._stderr >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._stderr)
+            self._stderr = -1
         if guardian is None:
             return
         if _guardlink.release(guardian, done=self._swept):  # else an outer run's, still used

@@ -77,8 +77,10 @@ class LeakChecks(_forked.ForkedChecks):
         self._deferred: list[tuple[Proc, str]] = []  # stopped at session end
         self.segments: _segments.SegmentWatch | None = None
         self._subreaper: bool | None = None  # what it was before the checks set it
-        self._unhook_subreaper: Callable[[], None] | None = None
-        self._subreaper_lock = threading.Lock()  # two threads may start the first children
+        self._unhook_first: Callable[[], None] | None = None
+        self._first_lock = threading.Lock()  # two threads may start the first children
+        #: Called once, just before this process's first child: the guardian starts there.
+        self.on_first_child: Callable[[], None] | None = None
         self._ended = False
         #: Why the JSON report could not be written (the run then fails), if it could not.
         self.report_error: str | None = None
@@ -95,19 +97,24 @@ class LeakChecks(_forked.ForkedChecks):
         """Start tracking (not under ``leaks=off``: off costs nothing, changes nothing)."""
         if self.tracker is None:
             self.tracker = Tracker()
-            if not self.tracker.nested:
-                # Just before this process's first child, not now: a run that starts none
-                # has nothing to adopt, and does not load ctypes for it.
-                self._unhook_subreaper = _births.before(self._become_subreaper)
+            # Just before this process's first child, not now: a run that starts none has
+            # nothing to adopt or guard (and does not load ctypes, nor start a guardian).
+            self._unhook_first = _births.before(self._first_child)
             if os.name == "posix":
                 self.segments = _segments.SegmentWatch(self.tracker.root)
 
-    def _become_subreaper(self) -> None:
-        """Make this process a subreaper (once): orphaned grandchildren come back to it."""
-        with self._subreaper_lock:
-            unhook, self._unhook_subreaper = self._unhook_subreaper, None
-            if unhook is not None:
-                unhook()
+    def _first_child(self) -> None:
+        """Once, before the first child: `on_first_child` (the guardian), then this process
+        becomes a subreaper (orphaned grandchildren come back to it), unless nested."""
+        with self._first_lock:
+            unhook, self._unhook_first = self._unhook_first, None
+            if unhook is None:
+                return
+            unhook()
+            if self.on_first_child is not None:
+                self.on_first_child()
+            tracker = self.tracker
+            if tracker is not None and not tracker.nested:
                 self._subreaper = _proctable.set_subreaper(True)
 
     def _current(self) -> Owner:
@@ -138,8 +145,8 @@ class LeakChecks(_forked.ForkedChecks):
         self._signal = signal
         busy = tracker.busy()
         if busy:
-            if self._unhook_subreaper is not None:  # a child no wrapper saw start (C code)
-                self._become_subreaper()
+            if self._unhook_first is not None:  # a child no wrapper saw start (C code)
+                self._first_child()
             tracker.observe(owner or self._current(), phase)
         segments = self.segments
         if segments is not None and (always or busy or news) and segments.changed():
@@ -303,9 +310,9 @@ class LeakChecks(_forked.ForkedChecks):
             if self.segments is not None:
                 self.segments.close()
         finally:
-            if self._unhook_subreaper is not None:
-                self._unhook_subreaper()
-                self._unhook_subreaper = None
+            if self._unhook_first is not None:
+                self._unhook_first()
+                self._unhook_first = None
             if self._subreaper is not None:
                 _proctable.set_subreaper(self._subreaper)
                 self._subreaper = None

@@ -276,6 +276,7 @@ def test_an_xdist_worker_killed_leaves_nothing(
 
 GUARDED = f"""
     import os
+    import subprocess
 
 
     def children():
@@ -295,6 +296,8 @@ GUARDED = f"""
 
 
     def test_guardians():
+        if os.environ["START"] == "1":  # the guardian starts with the run's first child
+            subprocess.run(["true"], check=True)
         # Its own token (the outer run's is inherited): "<pid>-<random>".
         token = os.environ.get("{_guardian.VARIABLE}", "")
         own = token.startswith(f"{{os.getpid()}}-")
@@ -311,21 +314,25 @@ GUARDED = f"""
 
 
 @pytest.mark.parametrize(
-    ("options", "guardians"),
+    ("options", "start", "guardians"),
     [
-        pytest.param((*OPTIONS, "--procsafe-leaks=fail"), 1, id="leak-checks"),
-        pytest.param((*OPTIONS, "--procsafe-leaks=off"), 0, id="leaks-off"),
-        pytest.param(("-p", "no:procsafe"), 0, id="no-procsafe"),
+        pytest.param((*OPTIONS, "--procsafe-leaks=fail"), True, 1, id="leak-checks"),
+        # Nothing to stop if pytest dies: no guardian (nor its start's cost).
+        pytest.param((*OPTIONS, "--procsafe-leaks=fail"), False, 0, id="no-child"),
+        pytest.param((*OPTIONS, "--procsafe-leaks=off"), True, 0, id="leaks-off"),
+        pytest.param(("-p", "no:procsafe"), True, 0, id="no-procsafe"),
     ],
 )
-def test_one_guardian_per_pytest_process_with_leak_checks_never_a_leak(
+def test_one_guardian_per_pytest_process_with_leak_checks_and_children_never_a_leak(
     pytester: pytest.Pytester,
     monkeypatch: pytest.MonkeyPatch,
     options: tuple[str, ...],
+    start: bool,
     guardians: int,
 ) -> None:
     pytester.makepyfile(test_guarded=GUARDED)
     monkeypatch.setenv("GUARDIANS", str(guardians))
+    monkeypatch.setenv("START", "1" if start else "0")
     report = pytester.path / "report.json"
     extra = [f"--procsafe-report={report}"] if guardians else []
     with no_survivors(monkeypatch):
