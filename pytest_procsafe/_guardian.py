@@ -2,7 +2,8 @@
 
 When pytest ends without procsafe's cleanup (SIGKILL, ``os._exit`` as pytest-timeout's
 thread method does, a segfault, the OOM killer), nothing in the test process can act. The
-guardian, started once per pytest process that runs leak checks, then stops every process
+guardian, started once per pytest process that runs leak checks (just before its first
+child: before that there is nothing to stop), then stops every process
 of the run still running: children before parents, SIGTERM, SIGKILL after the kill grace,
 each signalled only while its pid still names the process seen (same start time). Before
 that it writes to pytest's stderr which processes it stops. Under ``cleanup=keep`` it stops
