@@ -16,13 +16,18 @@ from contextlib import contextmanager
 
 import pytest
 
+from pytest_procsafe import _guardwire
+
 VARIABLE = "PROCSAFE_E2E_RUN"
 SETTLE = 10.0  # generous: the forkserver and the resource tracker exit once pytest has
 
 
 def marked(mark: str) -> list[str]:
-    """``pid: command line`` of each live process whose environment carries *mark*."""
+    """``pid: command line`` of each live process whose environment carries *mark*: not
+    this process's own guardian, which starts with this process's first child (perhaps
+    the inner run started inside `no_survivors`) and belongs to this run, not that one."""
     needle = f"{VARIABLE}={mark}".encode()
+    ours = f" {os.getpid()}-"  # in the guardian's command line: its run's token
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -35,6 +40,8 @@ def marked(mark: str) -> list[str]:
                 command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue  # gone meanwhile, or a zombie: nothing runs any more
+        if _guardwire.MARK in command and ours in command:
+            continue
         found.append(f"{entry}: {command.strip()}")
     return found
 

@@ -212,3 +212,53 @@ def test_every_method_sees_the_environment_as_the_test_has_it_in_any_order(
             f"*::test_{second}[[]{METHODS[0]}[]] PASSED*",
         ]
     )
+
+
+# --- multiprocessing first imported inside pytester's in-process runs ----------------------
+
+INLINE_OUTER = '''
+    import sys
+
+    pytest_plugins = ["pytester"]
+
+    INNER = """
+    import multiprocessing
+
+
+    def work(queue):
+        queue.put(42)
+
+
+    def test_spawn():
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        process = ctx.Process(target=work, args=(queue,))
+        process.start()
+        assert queue.get(timeout=30) == 42
+        process.join(30)
+        assert process.exitcode == 0
+    """
+
+
+    def test_two_inline_runs(pytester):
+        assert "multiprocessing" not in sys.modules  # procsafe did not import it
+        for _ in range(2):
+            pytester.makepyfile(test_inner=INNER)
+            result = pytester.inline_run("--import-mode=importlib", "-p", "no:cacheprovider")
+            result.assertoutcome(passed=1)
+            # The in-process run's copy is dropped: the next run imports another one.
+            assert "multiprocessing.spawn" not in sys.modules
+'''
+
+
+def test_each_copy_of_multiprocessing_an_inline_run_imports_carries_the_module_map(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """procsafe wraps multiprocessing when the run imports it, whoever does: here two
+    pytester in-process runs in turn, each importing (and dropping) its own copy. A spawn
+    child of each finds its target in a test module imported under importlib mode, which
+    only the module map carried in the preparation data makes possible."""
+    pytester.makepyfile(test_outer=INLINE_OUTER)
+    with no_survivors(monkeypatch):
+        result = run(pytester, options=FAIL_ON_LEAKS)
+    result.assert_outcomes(passed=1)
