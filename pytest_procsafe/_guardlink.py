@@ -302,7 +302,10 @@ def acquire(*, grace: float, keep: bool, stderr: int | None = None) -> Guardian 
     guardian = _SHARED["guardian"]
     if not isinstance(guardian, Guardian):
         previous = os.environ.get(VARIABLE)
-        guardian = spawn(grace=grace, keep=keep, stacks=_dumps.directory(), stderr=stderr)
+        try:
+            guardian = spawn(grace=grace, keep=keep, stacks=_dumps.directory(), stderr=stderr)
+        except OSError:  # out of file descriptors, say: the start it precedes goes on
+            guardian = None
         if guardian is None:
             _restore(previous)
             return None

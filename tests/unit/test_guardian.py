@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -264,3 +265,20 @@ def test_members_are_the_run_s_processes_only(kids: Kids) -> None:
     assert run.members(table) == {marked.pid: False, announced.pid: False, grandchild: False}
     run.feed(b"done\n")
     assert run.done
+
+
+def test_a_guardian_that_cannot_start_sets_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It starts just before a test's first child: out of file descriptors, that start
+    goes on without one, and the run's token is not left behind in the environment."""
+    monkeypatch.setattr(
+        _guardlink, "_SHARED", {**_guardlink._SHARED, "guardian": None, "users": 0}
+    )
+    monkeypatch.setenv(_guardian.VARIABLE, "outer-run")
+
+    def no_pipe() -> tuple[int, int]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "pipe", no_pipe)
+    assert _guardlink.acquire(grace=0.5, keep=False) is None
+    assert os.environ[_guardian.VARIABLE] == "outer-run"
+    assert _guardlink._SHARED["guardian"] is None
