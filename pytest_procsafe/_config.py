@@ -14,9 +14,9 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from typing import Final
 from typing import Literal
-from typing import NamedTuple
 from typing import cast
 from typing import final
 
@@ -33,17 +33,28 @@ CLEANUP_MODES: Final = ("auto", "kill", "session", "keep")
 
 
 @final
-class Option(NamedTuple):
+class Option:
     """One procsafe option: ``--procsafe-<name>`` on the command line, ``procsafe_<name>``
-    in the ini file."""
+    in the ini file. (Plain classes here and for `Settings`: generating a named tuple's or
+    a dataclass's methods cost every pytest process tenths of a millisecond at import.)"""
 
-    name: str
-    metavar: str
-    #: The help text; ``{default}`` stands for the default.
-    help: str
-    default: str | None = None
-    #: An ini ``linelist`` and a repeatable flag (``ignore``), or one value.
-    repeatable: bool = False
+    __slots__ = ("default", "help", "metavar", "name", "repeatable")
+
+    def __init__(
+        self,
+        name: str,
+        metavar: str,
+        help: str,
+        default: str | None = None,
+        repeatable: bool = False,
+    ) -> None:
+        self.name = name
+        self.metavar = metavar
+        #: The help text; ``{default}`` stands for the default.
+        self.help = help
+        self.default = default
+        #: An ini ``linelist`` and a repeatable flag (``ignore``), or one value.
+        self.repeatable = repeatable
 
     @property
     def flag(self) -> str:
@@ -116,11 +127,20 @@ def is_xdist_worker(config: pytest.Config) -> bool:
 
 
 @final
-class Settings(NamedTuple):
-    """procsafe's resolved settings for the session or for one test (immutable; a
-    marker's copy is made with ``_replace``). A named tuple, not a frozen dataclass: that
-    cost every pytest process 0.7 ms at import (benchmarks/README.md)."""
+class Settings:
+    """procsafe's resolved settings for the session or for one test: read-only once made
+    (a marker's copy comes from `replace`). A plain class (see `Option`)."""
 
+    __slots__ = (
+        "cleanup",
+        "cleanup_auto",
+        "ignore",
+        "kill_grace",
+        "leaks",
+        "report",
+        "start_methods",
+        "timeout",
+    )
     leaks: LeakMode
     start_methods: tuple[str, ...]
     timeout: float
@@ -129,7 +149,45 @@ class Settings(NamedTuple):
     ignore: tuple[re.Pattern[str], ...]
     report: Path | None
     #: Whether ``cleanup`` is what ``auto`` resolved to (messages then say why).
-    cleanup_auto: bool = False
+    cleanup_auto: bool
+
+    def __init__(
+        self,
+        *,
+        leaks: LeakMode,
+        start_methods: tuple[str, ...],
+        timeout: float,
+        kill_grace: float,
+        cleanup: CleanupMode,
+        ignore: tuple[re.Pattern[str], ...],
+        report: Path | None,
+        cleanup_auto: bool = False,
+    ) -> None:
+        values = {
+            "leaks": leaks,
+            "start_methods": start_methods,
+            "timeout": timeout,
+            "kill_grace": kill_grace,
+            "cleanup": cleanup,
+            "ignore": ignore,
+            "report": report,
+            "cleanup_auto": cleanup_auto,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"procsafe's Settings are read-only ({name})")
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with *changes* (a marker's overrides)."""
+        values: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return Settings(**values)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Settings({inner})"
 
     def header(self) -> str:
         """The one line ``pytest_report_header`` shows."""

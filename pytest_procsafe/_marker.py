@@ -95,7 +95,7 @@ def marker_overrides(
         methods = parse_methods(
             where.format("start_methods"), merged["start_methods"], platform=_methods.KNOWN
         )
-    settings = base._replace(**changes) if changes else base  # type: ignore[arg-type]
+    settings = base.replace(**changes) if changes else base
     return settings, methods
 
 

@@ -202,3 +202,14 @@ def test_the_tests_with_a_procsafe_marker_are_noted_once_at_collection(
     ]
     marked.note(items[:1])  # a new collection replaces what was noted
     assert [item.name for item in marked.items] == [items[0].name]
+
+
+def test_settings_are_read_only_and_a_marker_copy_leaves_them_as_they_were() -> None:
+    base = resolve()
+    with pytest.raises(AttributeError, match="read-only"):
+        base.timeout = 1.0
+    changed = base.replace(timeout=1.5, leaks="fail")
+    assert (changed.timeout, changed.leaks) == (1.5, "fail")
+    assert (base.timeout, base.leaks) == (30.0, "warn")
+    assert changed.start_methods == base.start_methods
+    assert "timeout=1.5" in repr(changed)
