@@ -161,7 +161,7 @@ def carry(name: str, rider: Rider) -> Callable[[], None]:
     _RIDERS[name] = rider
     if not _WAIT:  # wraps the module now if it is imported, else when it is
         _WAIT.append(_afterimport.call("multiprocessing.spawn", _wrap))
-    elif not installed() and "multiprocessing.spawn" in sys.modules:  # taken out since
+    elif "multiprocessing.spawn" in sys.modules:  # ours may have been taken out since
         _wrap(sys.modules["multiprocessing.spawn"])
 
     def undo() -> None:

@@ -169,9 +169,7 @@ class ProcsafeConnection:
         writer then waits in the kernel, not in Python code, for each message."""
         __tracebackhide__ = True
         if timeout is DEFAULT:
-            poller = self._poller
-            if poller is None and _POLL is not None and not self._conn.closed:
-                poller = self._poller = _poller(self._conn)
+            poller = self._live_poller()
             if poller is not None:  # the usual read
                 started = time.monotonic()
                 if not poller.poll(self._first_ms):  # not within a step (closed: the read says)
@@ -201,13 +199,18 @@ class ProcsafeConnection:
 
     def _poll(self, timeout: float) -> bool:
         """``Connection.poll(timeout)`` in one syscall where select.poll exists."""
-        conn = self._conn
-        if _POLL is None or conn.closed:
-            return conn.poll(timeout)  # and what a closed connection raises
-        poller = self._poller
+        poller = self._live_poller()
         if poller is None:
-            poller = self._poller = _poller(conn)
+            return self._conn.poll(timeout)  # and what a closed connection raises
         return _ready(poller, timeout)
+
+    def _live_poller(self) -> Any:
+        """This end's ``select.poll``, made on first use; None without one or once closed."""
+        if _POLL is None or self._conn.closed:
+            return None
+        if self._poller is None:
+            self._poller = _poller(self._conn)
+        return self._poller
 
 
 def _rebuild_connection(
