@@ -7,6 +7,7 @@ so no target is checked here (benchmarks/README.md has the recorded results).
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import re
 import signal
@@ -17,6 +18,12 @@ from pathlib import Path
 import pytest
 
 RUNNER = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+#: The cases whose value is one measurement minus another.
+DIFFERENCES = (
+    r"procsafe's fixed cost per pytest process, .*",
+    r"procsafe's hooks per clean test, .*",
+    r"start wrapper, per start",
+)
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32", reason="the runner measures with os.wait4 (POSIX)"
@@ -67,7 +74,11 @@ def test_the_quick_run_measures_every_case(tmp_path: Path) -> None:
         assert len(found) == 1, f"no single {pattern!r} in {cases}"
     for result in data["results"]:
         assert isinstance(result["value"], (int, float)), result
-        assert result["value"] > 0, result
+        assert math.isfinite(result["value"]), result
+        # A difference of two quick measurements (procsafe's fixed cost is a few ms) may
+        # come out at or below zero on a busy machine; every other figure cannot.
+        if not any(re.fullmatch(pattern, result["case"]) for pattern in DIFFERENCES):
+            assert result["value"] > 0, result
         assert isinstance(result["met"], bool), result
         # Every case says the load around it, and whether that makes it no result.
         assert isinstance(result["load_before"], float), result
