@@ -35,6 +35,7 @@ import os
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
@@ -53,6 +54,9 @@ _BEFORE: list[Callable[[], None]] = []
 _UNDO: list[Callable[[], None]] = []
 _FORKS_HOOKED: list[bool] = []
 _UNHEARD = threading.local()  # .on: this thread is inside `unheard`
+# pid -> the object a heard start made (`started`): the leak checks' way to a candidate's
+# object without a walk of every object.
+_OBJECTS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 # Frames of these packages are never the user's code, wherever they are installed.
 _NOT_USER: Final = frozenset({"pytest_procsafe", "_pytest", "pytest", "pluggy", "xdist"})
@@ -138,10 +142,19 @@ def _before() -> None:
             callback()
 
 
-def _tell(pid: object, where_: str | None, direct: bool) -> None:
+def started(pid: int) -> Any | None:
+    """The ``multiprocessing`` process or ``Popen`` object a heard start of *pid* made,
+    while it lives (held weakly: this keeps nothing alive); None for any other child."""
+    return _OBJECTS.get(pid)
+
+
+def _tell(pid: object, where_: str | None, direct: bool, obj: object = None) -> None:
     if getattr(_UNHEARD, "on", False):
         return
     if isinstance(pid, int) and pid >= NO_PID:
+        if obj is not None and pid != NO_PID:
+            with contextlib.suppress(TypeError):  # an object that takes no weak reference
+                _OBJECTS[pid] = obj
         for listener in list(_LISTENERS):
             listener(pid, where_, direct)
 
@@ -175,7 +188,7 @@ def _install() -> None:
 
                 _pickling.explain_start(self, exc)
                 raise
-            _tell(getattr(self, "pid", None), at, False)  # fork/spawn ones are direct too
+            _tell(getattr(self, "pid", None), at, False, self)  # fork/spawn ones are direct too
 
         return start
 
@@ -193,7 +206,7 @@ def _install() -> None:
                 at = where()
                 _before()
                 result = original(self, *args, **kwargs)
-                _tell(getattr(self, "pid", None), at, True)
+                _tell(getattr(self, "pid", None), at, True, self)
                 return result
 
             return _execute_child

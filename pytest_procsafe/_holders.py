@@ -151,16 +151,34 @@ def objects() -> Found:
     return found
 
 
-def _take(found: Found, kind: Kind, obj: Any) -> None:
+def stands_for(obj: Any) -> int | None:
+    """The pid of the process *obj* stands for while it is not yet waited for
+    (``BaseProcess``-like or ``Popen``), else None."""
+    kind = kind_of(type(obj))
+    if kind not in ("process", "popen"):
+        return None
+    return _pid_of(kind, obj)
+
+
+def _pid_of(kind: Kind, obj: Any) -> int | None:
     try:
         if kind == "process":
             popen = obj.__dict__.get("_popen")
             pid = getattr(popen, "pid", None)
-            if isinstance(pid, int) and getattr(popen, "returncode", None) is None:
+            returncode = getattr(popen, "returncode", None)
+        else:
+            pid, returncode = obj.pid, obj.returncode
+    except Exception:  # a half-built or torn-down object: it stands for nothing
+        return None
+    return pid if isinstance(pid, int) and returncode is None else None
+
+
+def _take(found: Found, kind: Kind, obj: Any) -> None:
+    try:
+        if kind in ("process", "popen"):
+            pid = _pid_of(kind, obj)
+            if pid is not None:
                 found.processes.setdefault(pid, obj)
-        elif kind == "popen":
-            if isinstance(obj.pid, int) and obj.returncode is None:
-                found.processes.setdefault(obj.pid, obj)
         elif kind == "semlock":
             name = getattr(obj.__dict__.get("_semlock"), "name", None)
             if isinstance(name, str):

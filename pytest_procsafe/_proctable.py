@@ -115,6 +115,37 @@ def cmdline(pid: int) -> tuple[str, ...]:
         return ()
 
 
+def activity(pid: int, *, skip: int | None = None) -> tuple[object, ...] | None:
+    """A fingerprint of what *pid*'s sleeping threads have done (Linux): it changes
+    whenever one of them ran, starts or ends (``/proc/PID/task/TID/schedstat``: time on a
+    CPU, time waiting for one, times run). None when a thread is busy right now (running
+    or waiting for a CPU, ``R``; in an uninterruptible wait, ``D``) or it cannot tell: not
+    Linux, no schedstat, the process gone. The thread *skip* (a native thread id: the
+    caller's own) is left out."""
+    if not LINUX:
+        return None
+    try:
+        tids = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
+    except (OSError, ValueError):
+        return None
+    marks: list[object] = []
+    for tid in tids:
+        if tid == skip:
+            continue
+        base = f"/proc/{pid}/task/{tid}/"
+        data = _read(base + "stat")
+        if not data:
+            continue  # the thread just ended: the list of tids shows the change
+        close = data.rindex(b")")
+        if data[close + 2 : close + 3] in (b"R", b"D"):
+            return None
+        times = _read(base + "schedstat")
+        if not times:
+            return None
+        marks.append((tid, times))
+    return tuple(marks)
+
+
 def descends(proc: Proc, root: int) -> bool:
     """Whether *proc* is, right now, a descendant of *root* (walks the ppid chain)."""
     seen = 0

@@ -16,10 +16,12 @@ or that nothing here started (a double fork, a shell's ``cmd &``), is an orphan.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
+from typing import Any
 from typing import Final
 from typing import final
 
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
 #: How long a candidate may take to finish exiting (a process terminated but not yet
 #: reaped by its parent) before it counts as a leak; spent only when there is a candidate.
 EXIT_GRACE: Final = 0.25
+#: The grace ends sooner once the candidates waited for, the parents of the zombies among
+#: them and this process's other threads (which may be telling them to stop) have all been
+#: asleep and done nothing for this long: an idle process is not on its way out.
+IDLE: Final = 0.05
 
 # execnet's popen gateways (xdist workers, seen from the controller): their subtrees
 # belong to the procsafe running inside them.
@@ -365,12 +371,16 @@ class Tracker:
         if found and find_holders:
             found = self._rehome_held(found, entries, later, look)
         if found and waiting:
+            idle = _Idle(self.root)
+            idle.settled(found)
             deadline = time.monotonic() + EXIT_GRACE
             pause = 0.002
             while waiting and time.monotonic() < deadline:
                 time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+                pause = min(pause * 2, IDLE / 2)
                 found, waiting = self._look(entries, later, look)
+                if waiting and idle.settled(found):
+                    break
         if found:
             objects = look.objects()
             for item in found:
@@ -402,7 +412,7 @@ class Tracker:
                 continue
             ours = proc.ppid == self.root and not entry.reparented
             if ours and proc.pid not in shallow and self._direct.get(proc.pid) != proc.start:
-                ours = proc.pid in look.objects().processes
+                ours = look.process(proc.pid) is not None
             if proc.zombie and proc.ppid == self.root and (proc.pid in shallow or not ours):
                 _reaper.reap([proc], self.root)
                 waiting = True
@@ -420,11 +430,10 @@ class Tracker:
     ) -> list[Found]:
         """Hand the candidates an outliving object holds (and their descendants) to
         *later*; return the others."""
-        processes = look.objects().processes
         targets = {
-            item: processes[item.proc.pid]
+            item: obj
             for item in found
-            if item.kind == "leaked" and item.proc.pid in processes
+            if item.kind == "leaked" and (obj := look.process(item.proc.pid)) is not None
         }
         from pytest_procsafe import _holders
 
@@ -434,7 +443,7 @@ class Tracker:
             targets,
             self._holders,
             key=lambda item: (item.proc.pid, item.proc.start),
-            ignore=(processes, look.objects()),
+            ignore=look.containers(),
             hints=self._hints,
         )
         by_pid = {item.proc.pid: name for item, name in held.items()}
@@ -464,8 +473,37 @@ class Tracker:
 
 
 @final
+class _Idle:
+    """Whether the candidates of one grace are idle (see `IDLE`): the processes that would
+    have to act for them to go (each live one, a zombie's parent, this process's threads
+    other than the caller's) were asleep at every look for `IDLE`, and did nothing."""
+
+    __slots__ = ("_marks", "_root", "_since")
+
+    def __init__(self, root: int) -> None:
+        self._root = root
+        self._marks: list[tuple[object, ...]] | None = None  # None: busy at the last look
+        self._since = 0.0
+
+    def settled(self, found: list[Found]) -> bool:
+        pids = {item.proc.ppid if item.proc.zombie else item.proc.pid for item in found}
+        pids.discard(self._root)
+        marks = [_proctable.activity(pid) for pid in sorted(pids)]
+        if self._root == os.getpid():
+            marks.append(_proctable.activity(self._root, skip=threading.get_native_id()))
+        now = time.monotonic()
+        known = [mark for mark in marks if mark is not None]
+        if len(known) < len(marks) or known != self._marks:  # busy, or something ran
+            self._marks = known if len(known) == len(marks) else None
+            self._since = now
+            return False
+        return now - self._since >= IDLE
+
+
+@final
 class _Look:
-    """What one classification found out once: the walk of the Python objects is costly."""
+    """What one classification found out once: the walk of the Python objects is costly,
+    and made only for what the starts `_births` heard do not tell."""
 
     __slots__ = ("_objects",)
 
@@ -478,3 +516,18 @@ class _Look:
 
             self._objects = _holders.objects()
         return self._objects
+
+    def process(self, pid: int) -> Any | None:
+        """The live object that stands for the process *pid* (``BaseProcess``-like or
+        ``Popen``): the one whose start was heard, or else the walk's."""
+        from pytest_procsafe import _holders
+
+        obj = _births.started(pid)
+        if obj is not None and _holders.stands_for(obj) == pid:
+            return obj
+        return self.objects().processes.get(pid)
+
+    def containers(self) -> tuple[object, ...]:
+        """What this look made that refers to the objects (not their holders)."""
+        found = self._objects
+        return () if found is None else (found, found.processes)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -64,6 +66,24 @@ def test_a_multiprocessing_start_is_heard_with_its_line(
         assert (process.pid, f"{HERE}:{line}", False) in heard
     finally:
         process.join(WAIT)
+
+
+def test_the_object_of_a_heard_start_is_known_by_its_pid_while_it_lives(
+    heard: list[tuple[int, str | None, bool]],
+) -> None:
+    process = multiprocessing.get_context("fork").Process(target=time.sleep, args=(0,))
+    process.start()
+    popen = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        assert _births.started(process.pid or -1) is process
+        assert _births.started(popen.pid) is popen
+    finally:
+        process.join(WAIT)
+        popen.wait(WAIT)
+    pids = (process.pid or -1, popen.pid)
+    del process, popen
+    gc.collect()
+    assert [_births.started(pid) for pid in pids] == [None, None]  # nothing kept alive
 
 
 def test_a_direct_child_no_object_knows_is_leaked_not_an_orphan() -> None:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import types
 import warnings
 from collections.abc import Callable
@@ -36,9 +37,11 @@ from pytest_procsafe import LeakedProcess
 from pytest_procsafe import ProcessLeakWarning
 from pytest_procsafe import _guardian
 from pytest_procsafe import _guardlink
+from pytest_procsafe import _holders
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
 from pytest_procsafe import _sigterm
+from pytest_procsafe import _tracker
 from pytest_procsafe._config import Settings
 from pytest_procsafe._leaks import LeakChecks
 from pytest_procsafe._ledger import Owner
@@ -640,3 +643,105 @@ def test_a_held_processs_later_children_are_held_too(
     assert {entry.held_by for entry in tracker.take(session)} == {
         "procsafe_nested_holder.EXECUTOR"
     }
+
+
+# --- the exit grace -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def long_grace(monkeypatch: pytest.MonkeyPatch) -> float:
+    """A grace far longer than any of these tests may take: only `IDLE` can end it early."""
+    monkeypatch.setattr(_tracker, "EXIT_GRACE", 3 * WAIT)
+    return 3 * WAIT
+
+
+def _classify_timed(tracker: Tracker, owner: Owner) -> tuple[list[int], float]:
+    start = time.monotonic()
+    found = tracker.classify(tracker.take(owner), later=Owner("session", "session"))
+    return [item.proc.pid for item in found], time.monotonic() - start
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="no schedstat")
+def test_an_idle_candidate_is_a_leak_without_the_whole_grace(
+    kids: Kids, tracker: Tracker, long_grace: float
+) -> None:
+    owner = Owner("t", "test")
+    idle = kids.sleeper().pid
+    wait_until(lambda: _proctable.cmdline(idle)[-1:] == ("import time; time.sleep(60)",), "up")
+    tracker.observe(owner, "call")
+    found, took = _classify_timed(tracker, owner)
+    assert found == [idle]
+    assert took < long_grace / 3  # IDLE after its start, not the grace
+
+
+def test_a_candidate_on_its_way_out_gets_the_grace(tracker: Tracker, long_grace: float) -> None:
+    owner = Owner("t", "test")
+    process = multiprocessing.get_context("fork").Process(target=_naps)
+    process.start()
+    try:
+        tracker.observe(owner, "call")
+        found, _ = _classify_timed(tracker, owner)
+    finally:
+        process.join(WAIT)
+    assert found == []  # gone within the grace (multiprocessing reaps its own)
+
+
+def _naps() -> None:
+    """Wakes every 10 ms for half a second, then exits: never idle for `IDLE`."""
+    for _ in range(50):
+        time.sleep(0.01)
+
+
+def test_a_candidate_this_process_is_still_stopping_gets_the_grace(
+    tracker: Tracker, long_grace: float
+) -> None:
+    # An executor shut down without waiting: a thread of this process is still busy
+    # telling its worker to go, and the worker, asleep until then, is not a leak.
+    owner = Owner("t", "test")
+    worker = multiprocessing.get_context("fork").Process(target=sleep_forever)
+    worker.start()
+    pid = worker.pid
+    assert pid is not None
+    wait_until(lambda: _proctable.activity(pid) is not None, "asleep")
+
+    def stop_soon() -> None:
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            pass
+        worker.terminate()
+
+    thread = threading.Thread(target=stop_soon)
+    tracker.observe(owner, "call")
+    thread.start()
+    try:
+        found, _ = _classify_timed(tracker, owner)
+    finally:
+        thread.join(WAIT)
+        worker.kill()
+        worker.join(WAIT)
+    assert found == []
+
+
+def test_a_held_process_is_found_held_without_walking_every_object(
+    tracker: Tracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    process = multiprocessing.get_context("fork").Process(target=sleep_forever)
+    holder = types.ModuleType("procsafe_registry_holder")
+    holder.WORKER = process  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, holder.__name__, holder)
+    process.start()
+    try:
+
+        def no_walk() -> None:
+            raise AssertionError("the heard start knows the object")
+
+        monkeypatch.setattr(_holders, "objects", no_walk)
+        owner, session = Owner("t", "test"), Owner("session", "session")
+        tracker.observe(owner, "call")
+        assert tracker.classify(tracker.take(owner), later=session) == []
+        assert [entry.held_by for entry in tracker.take(session)] == [
+            "procsafe_registry_holder.WORKER"
+        ]
+    finally:
+        process.kill()
+        process.join(WAIT)

@@ -306,6 +306,49 @@ def test_python_children_knows_multiprocessing_and_popen_objects(kids: Kids) -> 
         process.join(WAIT)
 
 
+def _settled(pid: int) -> tuple[object, ...]:
+    """*pid*'s marks once two looks 50 ms apart agree (its start is over)."""
+    marks = [_proctable.activity(pid)]
+
+    def same() -> bool:
+        time.sleep(0.05)
+        marks.append(_proctable.activity(pid))
+        return marks[-2] is not None and marks[-1] == marks[-2]
+
+    wait_until(same, f"pid {pid} asleep")
+    assert marks[-1] is not None
+    return marks[-1]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="no schedstat")
+def test_activity_changes_only_when_a_thread_runs(kids: Kids, tmp_path: Path) -> None:
+    idle = kids.sleeper().pid
+    busy = kids.popen(sys.executable, "-c", "while True: pass").pid
+    # Asleep: the same marks, look after look (once its start is over).
+    _settled(idle)
+    # Running (or waiting for a CPU) right now: busy, never idle.
+    assert _proctable.activity(busy) is None
+    # One that woke up and went back to sleep has new marks; one gone has none.
+    ready = tmp_path / "ready"
+    code = (
+        "import signal, pathlib; signal.signal(signal.SIGUSR1, lambda *_: None); "
+        f"pathlib.Path({str(ready)!r}).touch()\nwhile True: signal.pause()"
+    )
+    pausing = kids.popen(sys.executable, "-c", code).pid
+    wait_until(ready.exists, "its handler installed")
+    before = _settled(pausing)
+    os.kill(pausing, signal.SIGUSR1)  # its handler runs, and it pauses again
+    wait_until(lambda: _proctable.activity(pausing) not in (None, before), "woken")
+    assert _proctable.activity(2**22 + 1) is None
+
+
+def test_activity_leaves_out_the_callers_thread() -> None:
+    me, mine = os.getpid(), threading.get_native_id()
+    assert _proctable.activity(me) is None  # this thread is running
+    wait_until(lambda: _proctable.activity(me, skip=mine) is not None, "the others asleep")
+    assert mine not in [tid for tid, _ in _proctable.activity(me, skip=mine) or ()]  # type: ignore[misc]
+
+
 @pytest.mark.skipif(
     not os.path.exists(_proctable.LAST_PID), reason="no ns_last_pid (Linux 3.3+ only)"
 )
