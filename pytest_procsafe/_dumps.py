@@ -7,7 +7,7 @@ test process starts through ``multiprocessing`` (and every plain ``os.fork`` chi
 
 * spawn and forkserver children get it as a rider of `_spawnhook` (unpickled before the
   target, it installs the handler and rides on into the child's own children);
-* fork children through ``os.register_at_fork(after_in_child=...)``.
+* fork children through an at-fork callback (`_forkhooks`).
 
 Installing it costs one ``open`` and one ``faulthandler.register`` per child (well under a
 millisecond) and nothing per test. A child whose code replaces the handler, or that is
@@ -23,6 +23,7 @@ import faulthandler
 import os
 from collections.abc import Callable
 
+from pytest_procsafe import _forkhooks
 from pytest_procsafe import _spawnhook
 from pytest_procsafe import _stacks
 
@@ -107,8 +108,8 @@ def _after_fork_in_child() -> None:
 
 
 def _hook_forks() -> None:
-    if not _HOOKED and hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork_in_child)  # cannot be undone
+    if not _HOOKED:
+        _forkhooks.add(after_in_child=_after_fork_in_child)  # cannot be undone
         _HOOKED.append(True)
 
 

@@ -26,6 +26,7 @@ from typing import Final
 from typing import final
 
 from pytest_procsafe import _dumps
+from pytest_procsafe import _forkhooks
 from pytest_procsafe import _proctable
 from pytest_procsafe._guardwire import MARK
 from pytest_procsafe._guardwire import SHIELD
@@ -290,8 +291,8 @@ def _forget_in_child() -> None:
 
 def hook_forks() -> None:
     """Have forked children forget this process's guardian (once per process)."""
-    if not _SHARED["hooked"] and hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_forget_in_child)
+    if not _SHARED["hooked"]:
+        _forkhooks.add(after_in_child=_forget_in_child)
         _SHARED["hooked"] = True
 
 

@@ -23,6 +23,8 @@ from typing import Final
 from typing import NamedTuple
 from typing import final
 
+from pytest_procsafe import _forkhooks
+
 LINUX: Final = sys.platform.startswith("linux")
 
 _PR_SET_CHILD_SUBREAPER: Final = 36
@@ -42,8 +44,7 @@ def _after_fork_in_child() -> None:
     SELF[0] = os.getpid()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_forkhooks.add(after_in_child=_after_fork_in_child)
 
 #: The last pid handed out in this pid namespace (Linux 3.3+, ``CONFIG_CHECKPOINT_RESTORE``).
 LAST_PID: Final = "/proc/sys/kernel/ns_last_pid"

@@ -25,8 +25,6 @@ from typing import Any
 from typing import Final
 from typing import final
 
-from pytest_procsafe import _stacks
-
 VERSION: Final = 1
 KINDS: Final = ("leaked", "zombie", "orphan")
 #: The key of an xdist worker's ``config.workeroutput`` that carries its findings.
@@ -128,6 +126,8 @@ def tree_lines(
     records: Sequence[Record], *, action: bool = True, stacks: str = "trim", note: bool = False
 ) -> list[str]:
     """One line per record, children under their parent with ``├─``/``└─`` guides."""
+    from pytest_procsafe import _stacks  # what reports leaks: a clean run has none
+
     by_pid = {record["pid"]: record for record in records if record["pid"] is not None}
     kids: dict[int, list[Record]] = {}
     roots = []

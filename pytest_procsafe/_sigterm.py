@@ -15,6 +15,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from pytest_procsafe import _forkhooks
+
 # The handler on_sigterm installed and the disposition it replaced. Forked children must
 # not inherit the handler: `Process.terminate()` means "die now" to them. SIGTERM stays
 # blocked across the fork until the child has its old disposition back: CPython drops
@@ -71,8 +73,8 @@ def on_sigterm(cleanup: Callable[[], None]) -> Callable[[], None]:
                 os.kill(os.getpid(), signum)
 
     signal.signal(signal.SIGTERM, handler)
-    if not _FORK["hooked"] and hasattr(os, "register_at_fork"):
-        os.register_at_fork(
+    if not _FORK["hooked"]:
+        _forkhooks.add(
             before=_sigterm_fork_before,
             after_in_parent=_sigterm_fork_parent,
             after_in_child=_sigterm_fork_child,

@@ -26,6 +26,7 @@ from typing import Final
 from typing import final
 
 from pytest_procsafe import _births
+from pytest_procsafe import _forkhooks
 from pytest_procsafe import _owned
 from pytest_procsafe import _proctable
 from pytest_procsafe._guardwire import MARK
@@ -109,8 +110,8 @@ class Tracker:
                     self.exempt.add(pid)
         _ACTIVE.append(self)
         self._deaf = _births.listen(self._born)
-        if not _HOOKED and hasattr(os, "register_at_fork"):
-            os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent)
+        if not _HOOKED:
+            _forkhooks.add(before=_before_fork, after_in_parent=_after_fork_in_parent)
             _HOOKED = True
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -16,11 +17,10 @@ from typing import Final
 
 import pytest
 
+from pytest_procsafe import _afterimport
+from pytest_procsafe import _births
 from pytest_procsafe import _config
 from pytest_procsafe import _cutshort
-from pytest_procsafe import _dumps
-from pytest_procsafe import _environ
-from pytest_procsafe import _imports
 from pytest_procsafe import _leakhooks
 from pytest_procsafe import _leaks
 from pytest_procsafe import _marker
@@ -190,14 +190,40 @@ def mp_context(mp_start_method: str) -> BaseContext:
 
 
 def _configure_workers(config: pytest.Config) -> None:
-    # Spawn/forkserver children resolve test modules and conftests to the files this
-    # process imported them from, in every import mode, for any multiprocessing use.
-    config.add_cleanup(_imports.install())
-    # Every multiprocessing child of the run can tell where it is stuck.
-    config.add_cleanup(_dumps.activate())
-    # Forkserver children get the environment the test process has when they start, not
-    # the one the server was started with (issue 18).
-    config.add_cleanup(_environ.install())
+    # What rides along with the run's children is set up when the run first imports
+    # multiprocessing, or just before its first plain fork: a run that starts no child
+    # loads none of it (nor makes the stack dumps' directory).
+    undo: list[Callable[[], None]] = []
+    closed: list[bool] = []
+    lock = threading.Lock()  # two threads may start the first children
+
+    def arm(_module: object = None) -> None:
+        with lock:
+            if undo or closed:
+                return
+            from pytest_procsafe import _dumps
+            from pytest_procsafe import _environ
+            from pytest_procsafe import _imports
+
+            # Spawn/forkserver children resolve test modules and conftests to the files
+            # this process imported them from, in every import mode.
+            undo.append(_imports.install())
+            # Every multiprocessing child of the run (and every fork) can tell where it
+            # is stuck.
+            undo.append(_dumps.activate())
+            # Forkserver children get the environment the test process has when they
+            # start, not the one the server was started with (issue 18).
+            undo.append(_environ.install())
+
+    def close() -> None:
+        with lock:
+            closed.append(True)
+            while undo:
+                undo.pop()()
+
+    config.add_cleanup(close)
+    config.add_cleanup(_births.before(arm))
+    config.add_cleanup(_afterimport.call("multiprocessing", arm))
 
 
 @pytest.fixture

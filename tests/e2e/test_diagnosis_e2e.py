@@ -210,6 +210,42 @@ def test_a_python_popen_has_a_stack_where_another_way_exists(
     assert "churn_in_a_popen" in (leak["stack"] or ""), leak
 
 
+PLAIN_FORK = """
+import os
+import sys
+import time
+
+
+def nap_in_a_forked_child():
+    time.sleep(60)
+
+
+def test_forks_a_child_that_naps():
+    assert "multiprocessing" not in sys.modules  # the run's first child is this fork
+    pid = os.fork()
+    if pid == 0:
+        try:
+            nap_in_a_forked_child()
+        finally:
+            os._exit(0)
+    time.sleep(1.0)  # it is inside its function by now
+"""
+
+
+def test_a_plain_fork_as_the_runs_first_child_has_a_stack(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The handler is set up just before the run's first child, and a run that never
+    # imports multiprocessing gets it there too.
+    pytester.makepyfile(test_fork=PLAIN_FORK)
+    report = pytester.path / "leaks.json"
+    with no_survivors(monkeypatch):
+        result = run(pytester, f"--procsafe-report={report}", options=FAIL_ON_LEAKS)
+    result.assert_outcomes(passed=1, errors=1)
+    (leak,) = json.loads(report.read_text())["leaks"]
+    assert "in nap_in_a_forked_child" in (leak["stack"] or ""), leak
+
+
 PROFILED_CONFTEST = """
 import json
 import sys
@@ -274,11 +310,8 @@ DIAGNOSIS: frozenset[str] = frozenset(
 )
 
 
-#: What only a run with something to report or stop needs: a clean run never imports it
-#: (the stack-dump handler's `_dumps` and `_stacks` are set up for every child at startup).
-LEAKS_ONLY: frozenset[str] = (
-    DIAGNOSIS - {"pytest_procsafe._dumps", "pytest_procsafe._stacks"}
-) | {
+#: What only a run with something to report or stop needs: a clean run never imports it.
+LEAKS_ONLY: frozenset[str] = DIAGNOSIS | {
     "pytest_procsafe._machinery",
     "pytest_procsafe._leaked",  # the record of a leak
     "pytest_procsafe._warnings",  # the warning of one
@@ -290,6 +323,12 @@ LEAKS_ONLY: frozenset[str] = (
 #: What only a run that starts processes needs: multiprocessing is wrapped once the run
 #: imports it, the subreaper set (through ctypes) before its first child.
 PROCESSES_ONLY: tuple[str, ...] = ("multiprocessing", "pickle", "_pickle", "ctypes", "_ctypes")
+#: procsafe's parts for a run with children: what rides along with them (the stack-dump
+#: handler, the module map, the environment), set up when the run imports multiprocessing
+#: or just before its first fork, and the guardian, started just before its first child.
+CHILDREN_ONLY: frozenset[str] = frozenset(
+    f"pytest_procsafe.{name}" for name in ("_dumps", "_imports", "_environ", "_guardlink")
+)
 
 
 @pytest.mark.parametrize("mode", ["warn", "fail"])
@@ -308,5 +347,6 @@ def test_a_clean_test_runs_no_diagnosis(pytester: pytest.Pytester, mode: str) ->
     modules = set(json.loads((pytester.path / "modules.json").read_text()))
     assert "pytest_procsafe._leaks" in modules, modules
     assert modules.isdisjoint(LEAKS_ONLY), sorted(modules & LEAKS_ONLY)
+    assert modules.isdisjoint(CHILDREN_ONLY), sorted(modules & CHILDREN_ONLY)
     started = [name for name in modules if name.partition(".")[0] in PROCESSES_ONLY]
     assert not started, started
