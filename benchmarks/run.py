@@ -255,11 +255,13 @@ def bench_hooks(sizes: Sizes, work: Path) -> list[Result]:
 
 def bench_fixed(sizes: Sizes, work: Path) -> list[Result]:
     """The fixed half: what procsafe adds to a pytest process that runs one test (its
-    import, its configuration, the guardian, its end), leak checks on."""
+    import, its configuration, its end), leak checks on. The base runs load a plugin that
+    does nothing through ``-p`` as well: pytest's own lookup of a ``-p`` name, the same for
+    any plugin, is not procsafe's."""
     (work / "test_one.py").write_text("def test_one():\n    pass\n")
     (work / "pytest.ini").write_text("[pytest]\n")
     pair = compare(
-        pytest_cmd("-p", "no:procsafe", "test_one.py"),
+        pytest_cmd("-p", "no:procsafe", "-p", "bench_noop", "test_one.py"),
         pytest_cmd("-p", "procsafe", "--procsafe-leaks=warn", "test_one.py"),
         work,
         sizes.repeats * 3,

@@ -43,6 +43,7 @@ from typing import Final
 
 from pytest_procsafe import _afterimport
 from pytest_procsafe import _forkhooks
+from pytest_procsafe import _imports
 
 #: ``listener(pid, where, direct)``: *direct* when the child is this process's own.
 Listener = Callable[[int, "str | None", bool], None]
@@ -84,8 +85,6 @@ def where(skip: int = 1) -> str | None:
 def _shown(filename: str, module: object) -> str | None:
     if not isinstance(module, str) or module.partition(".")[0] in _NOT_USER:
         return None
-    from pytest_procsafe import _imports  # at a child's start: a run without any needs none
-
     if filename.startswith("<") or _imports.excluded(filename):
         return None  # frozen, generated, the standard library or an installed package
     try:
@@ -116,7 +115,7 @@ def before(callback: Callable[[], None]) -> Callable[[], None]:
     listener is installed, and at every ``os.fork``); the undo."""
     _BEFORE.append(callback)
     if not _FORKS_HOOKED:
-        _forkhooks.add(before=_before)  # cannot be undone: it calls what is listed
+        _forkhooks.add(prepare=_before)  # cannot be undone: it calls what is listed
         _FORKS_HOOKED.append(True)
 
     def undo() -> None:

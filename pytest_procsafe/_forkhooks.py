@@ -7,9 +7,12 @@ about 2 ms of every pytest process. So procsafe registers three small callers on
 this module (which imports only ``os``, ``sys`` and ``atexit``), and they call what the parts
 `add`; at exit the lists are emptied and nothing of procsafe's is kept from going.
 
-Order as ``os.register_at_fork`` has it: *before* callbacks run last added first, the
-others first added first. A fork made after the exit handlers (nothing procsafe watches)
-calls nothing. Imports neither pytest nor ``typing``: a spawn child imports this.
+Order: *prepare* callbacks first, first added first (they may start processes of their
+own: the guardian starts just before the run's first child); then *before* callbacks,
+last added first, as ``os.register_at_fork`` has it (the last look at the children, then
+SIGTERM blocked until the child is ready: nothing may fork after those); after the fork,
+first added first. A fork made after the exit handlers (nothing procsafe watches) calls
+nothing. Imports neither pytest nor ``typing``: a spawn child imports this.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from collections.abc import Iterable
 
+_PREPARE: list[Callable[[], object]] = []
 _BEFORE: list[Callable[[], object]] = []
 _PARENT: list[Callable[[], object]] = []
 _CHILD: list[Callable[[], object]] = []
@@ -31,6 +35,7 @@ _REGISTERED: list[bool] = []
 
 def add(
     *,
+    prepare: Callable[[], object] | None = None,
     before: Callable[[], object] | None = None,
     after_in_parent: Callable[[], object] | None = None,
     after_in_child: Callable[[], object] | None = None,
@@ -43,6 +48,8 @@ def add(
         os.register_at_fork(before=_before, after_in_parent=_parent, after_in_child=_child)
         atexit.register(_drop)
         _REGISTERED.append(True)
+    if prepare is not None:
+        _PREPARE.append(prepare)
     if before is not None:
         _BEFORE.append(before)
     if after_in_parent is not None:
@@ -52,6 +59,7 @@ def add(
 
 
 def _before() -> None:
+    _call(list(_PREPARE))
     _call(reversed(list(_BEFORE)))
 
 
@@ -76,6 +84,7 @@ def _call(callbacks: Iterable[Callable[[], object]]) -> None:
 
 
 def _drop() -> None:
+    _PREPARE.clear()
     _BEFORE.clear()
     _PARENT.clear()
     _CHILD.clear()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING
 from typing import Any
 from typing import Final
 from typing import final
@@ -22,13 +21,11 @@ import pytest
 from pytest_procsafe import _births
 from pytest_procsafe import _cutshort
 from pytest_procsafe import _forked
+from pytest_procsafe import _guardlink
 from pytest_procsafe import _leaks
 from pytest_procsafe import _owned
 from pytest_procsafe import _report
 from pytest_procsafe import _testhooks
-
-if TYPE_CHECKING:
-    from pytest_procsafe import _guardlink  # imported just before the first child
 
 _GUARD: Final = pytest.StashKey["Guard"]()
 
@@ -68,8 +65,6 @@ class Guard:
         in a shell's background, would come back as its child)."""
         if self._guardian is not None:
             return
-        from pytest_procsafe import _guardlink
-
         settings = self._checks.settings
         with _births.unheard():  # the guardian's shell is procsafe's, not a test's child
             guardian = _guardlink.acquire(
@@ -116,8 +111,6 @@ class Guard:
             self._stderr = -1
         if guardian is None:
             return
-        from pytest_procsafe import _guardlink
-
         if _guardlink.release(guardian, done=self._swept):  # else an outer run's, still used
             _owned.discard_pid(guardian.pid)
 

@@ -21,6 +21,9 @@ from pytest_procsafe import _afterimport
 from pytest_procsafe import _births
 from pytest_procsafe import _config
 from pytest_procsafe import _cutshort
+from pytest_procsafe import _dumps
+from pytest_procsafe import _environ
+from pytest_procsafe import _imports
 from pytest_procsafe import _leakhooks
 from pytest_procsafe import _leaks
 from pytest_procsafe import _marker
@@ -192,7 +195,9 @@ def mp_context(mp_start_method: str) -> BaseContext:
 def _configure_workers(config: pytest.Config) -> None:
     # What rides along with the run's children is set up when the run first imports
     # multiprocessing, or just before its first plain fork: a run that starts no child
-    # loads none of it (nor makes the stack dumps' directory).
+    # makes no directory for stack dumps and registers no rider. (The modules are
+    # imported here: pytester's in-process runs drop what they imported, and a rider must
+    # stay the class its module has.)
     undo: list[Callable[[], None]] = []
     closed: list[bool] = []
     lock = threading.Lock()  # two threads may start the first children
@@ -201,10 +206,6 @@ def _configure_workers(config: pytest.Config) -> None:
         with lock:
             if undo or closed:
                 return
-            from pytest_procsafe import _dumps
-            from pytest_procsafe import _environ
-            from pytest_procsafe import _imports
-
             # Spawn/forkserver children resolve test modules and conftests to the files
             # this process imported them from, in every import mode.
             undo.append(_imports.install())

@@ -97,6 +97,7 @@ CHILD_SIDE = {
     "pytest_procsafe._afterimport",
     "pytest_procsafe._dumps",
     "pytest_procsafe._environ",
+    "pytest_procsafe._forkhooks",
     "pytest_procsafe._imports",
     "pytest_procsafe._notyping",
     "pytest_procsafe._registrations",
