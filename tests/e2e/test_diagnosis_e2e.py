@@ -202,12 +202,17 @@ def test_a_python_popen_has_a_stack_where_another_way_exists(
             pytest.skip("sys.remote_exec is Python 3.14+")
         monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))  # no py-spy
     pytester.makepyfile(test_popen=PYTHON_POPEN)
+    assert "churn_in_a_popen" in _the_one_leaks_stack(pytester, monkeypatch)
+
+
+def _the_one_leaks_stack(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test files made, with leaks failing: the stack of its one leak."""
     report = pytester.path / "leaks.json"
     with no_survivors(monkeypatch):
         result = run(pytester, f"--procsafe-report={report}", options=FAIL_ON_LEAKS)
     result.assert_outcomes(passed=1, errors=1)
     (leak,) = json.loads(report.read_text())["leaks"]
-    assert "churn_in_a_popen" in (leak["stack"] or ""), leak
+    return str(leak["stack"] or "")
 
 
 PLAIN_FORK = """
@@ -238,12 +243,7 @@ def test_a_plain_fork_as_the_runs_first_child_has_a_stack(
     # The handler is set up just before the run's first child, and a run that never
     # imports multiprocessing gets it there too.
     pytester.makepyfile(test_fork=PLAIN_FORK)
-    report = pytester.path / "leaks.json"
-    with no_survivors(monkeypatch):
-        result = run(pytester, f"--procsafe-report={report}", options=FAIL_ON_LEAKS)
-    result.assert_outcomes(passed=1, errors=1)
-    (leak,) = json.loads(report.read_text())["leaks"]
-    assert "in nap_in_a_forked_child" in (leak["stack"] or ""), leak
+    assert "in nap_in_a_forked_child" in _the_one_leaks_stack(pytester, monkeypatch)
 
 
 PROFILED_CONFTEST = """
