@@ -55,6 +55,10 @@ LINUX: Final = sys.platform.startswith("linux")
 SHM_DIR: Final = "/dev/shm"
 #: A directory modified this recently (ns) may hide a later change with the same time.
 RACY: Final = 50_000_000
+#: How long an entry may take to go once its owners let go of it (a resource tracker
+#: unlinks a name a moment after the last process that used it did: loky's) before it
+#: counts as left behind; spent only on entries that would be reported.
+GRACE: Final = 0.25
 _SEM: Final = "sem."
 
 
@@ -278,7 +282,27 @@ class SegmentWatch:
         for segment in [s for s in mine if s.posix in used]:
             self.give(later, segment)
             mine.remove(segment)
-        return sorted(mine)
+        return sorted(self._still_there(mine))
+
+    def _still_there(self, segments: list[Segment]) -> list[Segment]:
+        """Those of *segments* still in ``/dev/shm`` after up to `GRACE` (the wait ends
+        once none is left); elsewhere nothing tells: all of them, at once."""
+        if not self.listing:
+            return segments
+        deadline = time.monotonic() + GRACE
+        pause = 0.002
+        while True:
+            left = []
+            for segment in segments:
+                if os.path.lexists(os.path.join(SHM_DIR, segment.entry)):
+                    left.append(segment)
+                else:
+                    self._forget(segment.entry)
+            if not left or time.monotonic() >= deadline:
+                return left
+            segments = left
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def give(self, owner: object, segment: Segment) -> None:
         """Hand *segment* to *owner*: it is checked again when *owner* is."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -103,6 +104,25 @@ def test_a_block_unlinked_in_time_and_channels_blocks_are_not_leaks(
     finally:
         assert owned.close() == []
     assert _owned.segments() == set()
+
+
+def test_a_block_its_tracker_unlinks_a_moment_later_is_not_a_leak(
+    watch: SegmentWatch,
+) -> None:
+    # A resource tracker unlinks a name shortly after the last process using it let go
+    # (loky's): an entry that goes within the grace was not left behind.
+    owner = object()
+    watch.observe(owner, "setup")
+    block = SharedMemory(create=True, size=8)
+    block.close()
+    watch.observe(owner, "call")
+    unlinker = threading.Timer(0.1, block.unlink)
+    unlinker.start()
+    try:
+        assert watch.take(owner, tree, later=LATER) == []
+    finally:
+        unlinker.join(WAIT)
+    assert not watch.has_candidates(owner)
 
 
 def test_a_semaphore_alive_here_is_not_a_leak_and_moves_on(watch: SegmentWatch) -> None:
