@@ -46,8 +46,9 @@ if TYPE_CHECKING:
 EXIT_GRACE: Final = 0.25
 #: The grace ends sooner once the candidates waited for, the parents of the zombies among
 #: them and this process's other threads (which may be telling them to stop) have all been
-#: asleep and done nothing for this long: an idle process is not on its way out.
-IDLE: Final = 0.05
+#: asleep and done nothing for this long: an idle process is not on its way out (a parent
+#: that polls for its children's exits more often than this is seen to act).
+IDLE: Final = 0.1
 
 # execnet's popen gateways (xdist workers, seen from the controller): their subtrees
 # belong to the procsafe running inside them.
