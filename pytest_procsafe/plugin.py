@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -17,8 +16,6 @@ from typing import Final
 
 import pytest
 
-from pytest_procsafe import _afterimport
-from pytest_procsafe import _births
 from pytest_procsafe import _config
 from pytest_procsafe import _cutshort
 from pytest_procsafe import _dumps
@@ -193,38 +190,14 @@ def mp_context(mp_start_method: str) -> BaseContext:
 
 
 def _configure_workers(config: pytest.Config) -> None:
-    # What rides along with the run's children is set up when the run first imports
-    # multiprocessing, or just before its first plain fork: a run that starts no child
-    # makes no directory for stack dumps and registers no rider. (The modules are
-    # imported here: pytester's in-process runs drop what they imported, and a rider must
-    # stay the class its module has.)
-    undo: list[Callable[[], None]] = []
-    closed: list[bool] = []
-    lock = threading.Lock()  # two threads may start the first children
-
-    def arm(_module: object = None) -> None:
-        with lock:
-            if undo or closed:
-                return
-            # Spawn/forkserver children resolve test modules and conftests to the files
-            # this process imported them from, in every import mode.
-            undo.append(_imports.install())
-            # Every multiprocessing child of the run (and every fork) can tell where it
-            # is stuck.
-            undo.append(_dumps.activate())
-            # Forkserver children get the environment the test process has when they
-            # start, not the one the server was started with (issue 18).
-            undo.append(_environ.install())
-
-    def close() -> None:
-        with lock:
-            closed.append(True)
-            while undo:
-                undo.pop()()
-
-    config.add_cleanup(close)
-    config.add_cleanup(_births.before(arm))
-    config.add_cleanup(_afterimport.call("multiprocessing", arm))
+    # Spawn/forkserver children resolve test modules and conftests to the files this
+    # process imported them from, in every import mode, for any multiprocessing use.
+    config.add_cleanup(_imports.install())
+    # Every multiprocessing child of the run (and every fork) can tell where it is stuck.
+    config.add_cleanup(_dumps.activate())
+    # Forkserver children get the environment the test process has when they start, not
+    # the one the server was started with (issue 18).
+    config.add_cleanup(_environ.install())
 
 
 @pytest.fixture

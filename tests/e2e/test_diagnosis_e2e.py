@@ -240,8 +240,8 @@ def test_forks_a_child_that_naps():
 def test_a_plain_fork_as_the_runs_first_child_has_a_stack(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The handler is set up just before the run's first child, and a run that never
-    # imports multiprocessing gets it there too.
+    # A fork child gets the handler through an at-fork callback: a run that never imports
+    # multiprocessing has it too.
     pytester.makepyfile(test_fork=PLAIN_FORK)
     assert "in nap_in_a_forked_child" in _the_one_leaks_stack(pytester, monkeypatch)
 
@@ -311,8 +311,7 @@ DIAGNOSIS: frozenset[str] = frozenset(
 
 
 #: What only a run with something to report or stop needs: a clean run never imports it
-#: (the stack-dump handler's `_dumps` and `_stacks` are imported at startup, and set up
-#: when the run first imports multiprocessing or forks).
+#: (the stack-dump handler's `_dumps` and `_stacks` are set up for every child at startup).
 LEAKS_ONLY: frozenset[str] = (
     DIAGNOSIS - {"pytest_procsafe._dumps", "pytest_procsafe._stacks"}
 ) | {
