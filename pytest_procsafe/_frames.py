@@ -1,11 +1,20 @@
-"""Skipping whole messages on a multiprocessing connection without ever blocking.
+"""Reading and skipping whole messages on a multiprocessing connection.
+
+multiprocessing's framing is a 4-byte big-endian length, or -1 then an 8-byte length for
+messages over 2 GiB, then the body.
+
+`read_now` reads one message in the system calls of a plain ``Connection.recv_bytes``
+when its first bytes are already there, and reads nothing when they are not. A bounded
+read then needs no ``poll`` first whenever the reader is the slower side: the header's
+read itself says whether anything is waiting (Linux's ``RWF_NOWAIT``, one read that does
+not block, on pipes and sockets alike, without touching the descriptor's flags, which the
+other processes holding it share).
 
 ``Connection.recv_bytes`` blocks until a message is complete. A writer killed half-way
 through a large message (a worker's feeder thread stuck on a full pipe when the worker was
 killed) would hang it forever, because the test process itself still holds the write end.
-`Skipper` reads raw bytes instead, follows multiprocessing's framing (a 4-byte big-endian
-length, or -1 then an 8-byte length for messages over 2 GiB) and keeps its place in a
-message from one call to the next.
+`Skipper` reads raw bytes instead, follows the framing and keeps its place in a message
+from one call to the next.
 
 Imported inside workers too (with the channels): no pytest, no plugin.
 """
@@ -27,6 +36,57 @@ if TYPE_CHECKING:
 #: teardown in one call forever.
 _BUDGET: Final = 16 << 20
 _LONG_MARK: Final = struct.pack("!i", -1)
+_SIZE: Final = struct.Struct("!i")
+_LONG_SIZE: Final = struct.Struct("!Q")
+
+#: ``os.preadv``'s flag for a read that does not wait (Linux 4.14+; pipes from 5.8): None
+#: where the platform has none, and `read_now` must not be called.
+NOWAIT: Final[int | None] = getattr(os, "RWF_NOWAIT", None) if sys.platform == "linux" else None
+
+
+def read_now(fd: int, header: bytearray) -> bytes | None:
+    """The next message on *fd* if its header can be read without waiting, else None.
+
+    *header* is a 4-byte buffer of the caller's (one per connection end, reused).
+    Once a header is there, the rest is read as ``Connection.recv_bytes`` reads it,
+    waiting for the writer to finish the message, and the end of file gives the same
+    errors: `EOFError` before a message, `OSError` within one. A kernel that cannot read
+    this descriptor without waiting raises `OSError` (``EOPNOTSUPP``) before anything is
+    read.
+    """
+    try:
+        got = os.preadv(fd, (header,), -1, NOWAIT)  # type: ignore[arg-type]  # None: never called
+    except BlockingIOError:
+        return None
+    if got < 4:
+        if not got:
+            raise EOFError
+        header[got:] = _exactly(fd, 4 - got, started=True)
+    (size,) = _SIZE.unpack(header)
+    if size == -1:
+        (size,) = _LONG_SIZE.unpack(_exactly(fd, 8))
+    return _exactly(fd, size)
+
+
+def _exactly(fd: int, size: int, *, started: bool = False) -> bytes:
+    """*size* bytes from *fd*, as ``Connection._recv`` reads them (each of its reads
+    blocks until something comes)."""
+    if not size:
+        return b""
+    data = os.read(fd, size)
+    if len(data) == size:
+        return data
+    parts = [data]
+    left = size - len(data)
+    while data and left:
+        data = os.read(fd, left)
+        parts.append(data)
+        left -= len(data)
+    if left:
+        if left == size and not started:
+            raise EOFError
+        raise OSError("got end of file during message")
+    return b"".join(parts)
 
 
 @final

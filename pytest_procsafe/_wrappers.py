@@ -13,12 +13,14 @@ Imported inside workers too (when a channel is unpickled there): no pytest, no p
 
 from __future__ import annotations
 
+import errno
 import math
 import multiprocessing.queues
 import select
 import time
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
+from multiprocessing.reduction import ForkingPickler
 from queue import Empty
 from queue import Full
 from typing import TYPE_CHECKING
@@ -29,7 +31,9 @@ from typing import TypeAlias
 from typing import final
 
 from pytest_procsafe import _seconds
+from pytest_procsafe._frames import NOWAIT
 from pytest_procsafe._frames import Skipper
+from pytest_procsafe._frames import read_now
 from pytest_procsafe._timeouts import DEFAULT
 from pytest_procsafe._timeouts import MISS
 from pytest_procsafe._timeouts import STEP
@@ -83,6 +87,8 @@ class ProcsafeConnection:
         self._sent = False
         self._skipper = Skipper()
         self._poller: Any = None
+        # `read_now`'s header buffer; None where reads that do not wait are not available.
+        self._header: bytearray | None = None if NOWAIT is None else bytearray(4)
 
     def __reduce__(self) -> tuple[Callable[..., ProcsafeConnection], tuple[Any, ...]]:
         # Through the inner Connection, so multiprocessing's reducers (fd passing) apply.
@@ -137,12 +143,17 @@ class ProcsafeConnection:
 
     def recv(self, *, timeout: Timeout = DEFAULT) -> Any:
         __tracebackhide__ = True
-        self._readable("recv()", timeout)
-        return self._conn.recv()
+        data = self._message("recv()", timeout)
+        return self._conn.recv() if data is None else ForkingPickler.loads(data)
 
     def recv_bytes(self, maxlength: int | None = None, *, timeout: Timeout = DEFAULT) -> bytes:
         __tracebackhide__ = True
-        self._readable("recv_bytes()", timeout)
+        if maxlength is None:
+            data = self._message("recv_bytes()", timeout)
+            if data is not None:
+                return data
+        else:  # a message over maxlength closes the end unread: multiprocessing's own read
+            self._readable("recv_bytes()", timeout)
         return self._conn.recv_bytes(maxlength)
 
     def recv_bytes_into(self, buf: Any, offset: int = 0, *, timeout: Timeout = DEFAULT) -> int:
@@ -161,6 +172,31 @@ class ProcsafeConnection:
         if not self._conn.closed and self._conn.readable and not self._skipper.ended:
             self._skipper.skip(self._conn)
 
+    def _message(self, call: str, timeout: Timeout) -> bytes | None:
+        """The next message, when it is already there; else None once a read will not
+        block (after `_readable`'s wait), for the plain read to take it.
+
+        With a message waiting (the reader is the slower side) this is that read alone:
+        no ``poll`` before it."""
+        __tracebackhide__ = True
+        if timeout is None:
+            return None  # explicitly unbounded: the plain blocking read
+        if timeout is not DEFAULT:
+            _seconds.check("timeout", timeout)  # a bad one is an error even with data there
+        header, conn = self._header, self._conn
+        if header is not None and not conn.closed and conn.readable:
+            try:
+                data = read_now(conn.fileno(), header)
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._header = None  # this kernel cannot, on this end: poll, then read
+            else:
+                if data is not None:
+                    return data
+        self._readable(call, timeout)
+        return None
+
     def _readable(self, call: str, timeout: Timeout) -> None:
         """Return once a read will not block (or raise the timeout's error): with the
         default timeout, one ``poll`` when data is waiting or comes within a step.
@@ -168,14 +204,16 @@ class ProcsafeConnection:
         That step is the bounded wait's first, counted in it: a reader faster than its
         writer then waits in the kernel, not in Python code, for each message."""
         __tracebackhide__ = True
+        if self._conn.closed or not self._conn.readable:
+            return  # the read itself raises what multiprocessing raises
         if timeout is DEFAULT:
             poller = self._live_poller()
             if poller is not None:  # the usual read
                 started = time.monotonic()
-                if not poller.poll(self._first_ms):  # not within a step (closed: the read says)
+                if not poller.poll(self._first_ms):  # not within a step
                     self._await(call, timeout, started)
                 return
-            if self._poll(0.0):  # no select.poll (Windows), or closed: the read says so
+            if self._poll(0.0):  # no select.poll (Windows)
                 return
         self._await(call, timeout)
 

@@ -67,6 +67,7 @@ def test_the_quick_run_measures_every_case(tmp_path: Path) -> None:
             f"worker round trip, {method}",
             rf"\d+ items through mp_queue, {method}",
             rf"\d+ items through mp_pipe, {method}",
+            f"mp_pipe reads of waiting items, {method}",
             rf"picklable start \+ join, {method}",
         ]
     for pattern in expected:

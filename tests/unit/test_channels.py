@@ -359,10 +359,16 @@ def test_explicit_timeouts_keep_their_standard_meaning(local: Lab) -> None:
 
 
 @pytest.mark.parametrize("timeout", [-1, "1", True, float("nan")])
-def test_a_bad_timeout_is_a_clear_error(local: Lab, timeout: object) -> None:
-    left, _ = local.channels().pipe()
-    with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0, got"):
-        left.recv(timeout=timeout)  # type: ignore[arg-type]
+@pytest.mark.parametrize("waiting", [False, True], ids=["nothing-waiting", "message-waiting"])
+def test_a_bad_timeout_is_a_clear_error(local: Lab, timeout: object, waiting: bool) -> None:
+    left, right = local.channels().pipe()
+    if waiting:  # read at once without a wait: the timeout is still checked, nothing lost
+        right.send("kept")
+    for read in (left.recv, left.recv_bytes):
+        with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0, got"):
+            read(timeout=timeout)  # type: ignore[arg-type]
+    if waiting:
+        assert left.recv() == "kept"
 
 
 # --- drain and close ----------------------------------------------------------------------
