@@ -280,6 +280,8 @@ class ProcsafeQueue(_QueueBase):
         self._procsafe_fed = False  # this process put items: they are for someone else
         self._procsafe_skipper = Skipper()
         self._procsafe_locked = False  # the drain holds the read lock mid-message
+        # `read_now`'s header buffer; None where reads that do not wait are not available.
+        self._procsafe_header: bytearray | None = None if NOWAIT is None else bytearray(4)
 
     def __getstate__(self) -> Any:
         return super().__getstate__(), self._procsafe_label, self._procsafe_watch.timeout
@@ -317,6 +319,10 @@ class ProcsafeQueue(_QueueBase):
             return super().get(block, timeout)
         if not block:
             return super().get(False)
+        if self._procsafe_header is not None and not self._closed:  # type: ignore[attr-defined]
+            data = self._procsafe_now()
+            if data is not None:
+                return ForkingPickler.loads(data)
         get = super().get
         watch = self._procsafe_watch
         started = time.monotonic()
@@ -339,6 +345,28 @@ class ProcsafeQueue(_QueueBase):
             stuck_reason="nothing is pending",
             started=started,
         )
+
+    def _procsafe_now(self) -> bytes | None:
+        """The next item's bytes when it is already there and no other reader holds the
+        read lock: ``get``'s own steps without the ``poll`` (see `ProcsafeConnection`)."""
+        rlock, reader, header = self._rlock, self._reader, self._procsafe_header
+        if not rlock.acquire(False):
+            return None  # another reader (or the drain, mid-message): the usual wait
+        try:
+            if reader.closed:
+                return None
+            try:
+                data = read_now(reader.fileno(), header)  # type: ignore[arg-type]  # not None
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._procsafe_header = None  # this kernel cannot: poll, then read
+                return None
+            if data is not None:
+                self._sem.release()  # the item's slot, as get() gives it back
+            return data
+        finally:
+            rlock.release()
 
     def put(self, obj: Any, block: bool = True, timeout: Timeout = DEFAULT) -> None:
         __tracebackhide__ = True

@@ -1,4 +1,5 @@
-"""Unit tests of `_frames.read_now` and the reads of `ProcsafeConnection` built on it.
+"""Unit tests of `_frames.read_now` and the reads of `ProcsafeConnection` and
+`ProcsafeQueue` built on it.
 
 Every outcome is checked against multiprocessing's own ``Connection.recv_bytes`` on an
 identical pipe: the same bytes, or the same kind of error at the end of file.
@@ -25,6 +26,7 @@ from pytest_procsafe._frames import read_now
 from pytest_procsafe._timeouts import ChannelTimeout
 from pytest_procsafe._timeouts import Watch
 from pytest_procsafe._wrappers import ProcsafeConnection
+from pytest_procsafe._wrappers import ProcsafeQueue
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -241,3 +243,75 @@ def test_a_closed_or_write_only_end_fails_as_multiprocessing_fails() -> None:
             end.recv()
         with pytest.raises(OSError, match="handle is closed"):
             end.recv_bytes()
+
+
+# --- queues: the same read under the queue's read lock -------------------------------------
+
+
+@pytest.fixture
+def queue() -> Iterator[ProcsafeQueue]:
+    q = ProcsafeQueue(
+        1, ctx=multiprocessing.get_context("spawn"), label="queue", watch=Watch(PROMPTLY)
+    )
+    yield q
+    q._procsafe_close(PROMPTLY)
+
+
+def wait_until_written(q: ProcsafeQueue) -> None:
+    """Until the feeder thread has written what was put (a reader's poll would say)."""
+    deadline = time.monotonic() + PROMPTLY
+    while not q._reader.poll(0) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+@needs_nowait
+def test_a_waiting_item_is_got_without_a_poll_and_its_slot_given_back(
+    queue: ProcsafeQueue,
+) -> None:
+    def no_poll(timeout: float | None = 0.0) -> bool:
+        raise AssertionError("polled although an item was waiting")
+
+    for item in ("first", "second"):
+        queue.put(item)
+        wait_until_written(queue)
+        queue._poll = no_poll
+        assert queue.get() == item
+        queue._poll = queue._procsafe_poll  # back to its own for the next wait
+    queue.put_nowait("third")  # the slots came back: a full queue would raise here
+    assert queue.get() == "third"
+
+
+def test_another_reader_holding_the_lock_means_the_usual_wait(queue: ProcsafeQueue) -> None:
+    queue.put("item")
+    wait_until_written(queue)
+    assert queue._rlock.acquire(False)
+    threading.Timer(0.2, queue._rlock.release).start()
+    started = time.monotonic()
+    assert queue.get() == "item"
+    assert time.monotonic() - started >= 0.15
+
+
+@pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.EINVAL])
+def test_a_queue_on_a_kernel_that_cannot_read_without_waiting(
+    queue: ProcsafeQueue, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    calls: list[int] = []
+
+    def unsupported(fd: int, scratch: bytearray) -> bytes | None:
+        calls.append(fd)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(_wrappers, "read_now", unsupported)
+    queue._procsafe_header = bytearray(4)
+    for item in (1, 2):
+        queue.put(item)
+        assert queue.get() == item
+    assert len(calls) == 1
+    assert queue._rlock.acquire(False)  # released on the way out
+    queue._rlock.release()
+
+
+def test_a_closed_queue_fails_as_multiprocessing_fails(queue: ProcsafeQueue) -> None:
+    queue.close()
+    with pytest.raises(ValueError, match="is closed"):
+        queue.get()
