@@ -68,13 +68,18 @@ def capture(
         send(pid, SIGNAL)
     sizes = dict.fromkeys(asked, -1)
     deadline = time.monotonic() + WAIT
+    pause = 0.001
     while sizes and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
         if pump is not None:
             pump()
         for pid in list(sizes):
             size = _size(files[pid])
-            if 0 < size == sizes[pid]:  # written and no longer growing
+            # Written: this request's dump began, and either it stopped growing or every
+            # thread of the process is asleep again (the handler runs from the signal to
+            # its last write in one of them: a thread running it is never asleep).
+            if size > start[pid] and (size == sizes[pid] or _asleep(pid)):
                 del sizes[pid]
             else:
                 sizes[pid] = size
@@ -84,6 +89,12 @@ def capture(
         if text.strip():
             dumps[pid] = text
     return dumps
+
+
+def _asleep(pid: int) -> bool:
+    from pytest_procsafe import _proctable  # the test process's side: loaded there already
+
+    return _proctable.activity(pid) is not None
 
 
 def catches(pid: int, signum: int) -> bool:

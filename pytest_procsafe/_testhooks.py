@@ -46,8 +46,10 @@ _XUNIT: Final = (
 
 
 def register(config: pytest.Config) -> None:
-    """The hooks for a run without leak checks (until `turn_on`)."""
-    config.pluginmanager.register(Plain(config), _PLAIN)
+    """The hooks for a run without leak checks (until `turn_on`), unless they are on."""
+    manager = config.pluginmanager
+    if manager.get_plugin(_CHECKED) is None:
+        manager.register(Plain(config), _PLAIN)
 
 
 def turn_on(config: pytest.Config, checks: _leaks.LeakChecks) -> None:

@@ -370,15 +370,16 @@ class Tracker:
         """
         look = _Look()
         found, waiting = self._look(entries, later, look)
+        idle = _Idle(self.root)
+        if found and waiting:
+            idle.settled(found)  # the idle window starts now: the holder search is in it
         if found and find_holders:
             found = self._rehome_held(found, entries, later, look)
         if found and waiting:
-            idle = _Idle(self.root)
-            idle.settled(found)
             deadline = time.monotonic() + EXIT_GRACE
             pause = 0.002
             while waiting and time.monotonic() < deadline:
-                time.sleep(pause)
+                time.sleep(min(pause, idle.left()))
                 pause = min(pause * 2, IDLE / 2)
                 found, waiting = self._look(entries, later, look)
                 if waiting and idle.settled(found):
@@ -484,22 +485,32 @@ class _Idle:
 
     def __init__(self, root: int) -> None:
         self._root = root
-        self._marks: list[tuple[object, ...]] | None = None  # None: busy at the last look
-        self._since = 0.0
+        # pid -> its fingerprint at the last look (`_proctable.activity`); None: busy then.
+        self._marks: dict[int, tuple[object, ...]] | None = None
+        self._since = time.monotonic()
 
     def settled(self, found: list[Found]) -> bool:
+        """Whether what must act for *found* to go has been idle for `IDLE`. A process
+        that no longer needs to (a candidate handed on) leaves the window running."""
         pids = {item.proc.ppid if item.proc.zombie else item.proc.pid for item in found}
         pids.discard(self._root)
-        marks = [_proctable.activity(pid) for pid in sorted(pids)]
+        marks = {pid: _proctable.activity(pid) for pid in pids}
         if self._root == os.getpid():
-            marks.append(_proctable.activity(self._root, skip=threading.get_native_id()))
+            marks[self._root] = _proctable.activity(self._root, skip=threading.get_native_id())
         now = time.monotonic()
-        known = [mark for mark in marks if mark is not None]
-        if len(known) < len(marks) or known != self._marks:  # busy, or something ran
-            self._marks = known if len(known) == len(marks) else None
+        last = self._marks
+        if last is None or any(
+            last.get(pid) != mark or mark is None for pid, mark in marks.items()
+        ):
+            busy = any(mark is None for mark in marks.values())
+            self._marks = None if busy else {pid: m for pid, m in marks.items() if m is not None}
             self._since = now
             return False
         return now - self._since >= IDLE
+
+    def left(self) -> float:
+        """Seconds until the window can be over (at least a moment: it may restart)."""
+        return max(0.001, self._since + IDLE - time.monotonic())
 
 
 @final

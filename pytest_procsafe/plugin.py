@@ -89,9 +89,9 @@ def pytest_configure(config: pytest.Config) -> None:
         cli, ini, check_report=not _config.is_xdist_worker(config)
     )
     config.pluginmanager.register(_cutshort.Hooks(config), "procsafe-cutshort")
-    _testhooks.register(config)
     _configure_workers(config)
     _configure_leaks(config)
+    _testhooks.register(config)  # after: with the checks on, their hooks are in already
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -371,6 +371,40 @@ def test_ignored_marker_off_and_kept_processes_survive_the_run(
     )
 
 
+REGISTERED = """
+    def pytest_plugin_registered(plugin, manager):
+        name = manager.get_name(plugin) or ""
+        if name.startswith("procsafe"):
+            with open("registered.txt", "a") as file:
+                file.write(name + "\\n")
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("off", ["procsafe", "procsafe-cutshort", "procsafe-leak-session", "procsafe-tests"]),
+        (
+            "warn",
+            ["procsafe", "procsafe-cutshort", "procsafe-leak-session", "procsafe-leak-tests"],
+        ),
+        (
+            "fail",
+            ["procsafe", "procsafe-cutshort", "procsafe-leak-session", "procsafe-leak-tests"],
+        ),
+    ],
+)
+def test_each_mode_registers_its_per_test_hooks_once(
+    pytester: pytest.Pytester, mode: str, expected: list[str]
+) -> None:
+    """Each registration costs pluggy and pytest's fixture parsing: the per-test hooks of
+    a run with leak checks are registered once, not the unchecked ones first."""
+    pytester.makeconftest(REGISTERED)
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    run(pytester, f"--procsafe-leaks={mode}").assert_outcomes(passed=1)
+    assert sorted((pytester.path / "registered.txt").read_text().split()) == expected
+
+
 OFF = """
     import subprocess
 

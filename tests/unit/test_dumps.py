@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -41,6 +42,37 @@ def test_a_plain_process_of_every_method_shows_where_it_is(mp_context: BaseConte
         assert path is not None
         dumps = _stacks.capture({process.pid: path}, send=os.kill)
         assert "in sleep_in_a_named_function" in dumps[process.pid]
+    finally:
+        process.kill()
+        process.join(WAIT)
+
+
+def test_a_second_dump_is_waited_for_even_when_its_handler_is_slow(
+    mp_context: BaseContext,
+) -> None:
+    """The file already holds the first dump: only what the second request adds counts,
+    however late the process gets to it."""
+    ready = mp_context.Event()
+    process: Any = mp_context.Process(  # type: ignore[attr-defined]
+        target=sleep_in_a_named_function, args=(ready, WAIT)
+    )
+    process.start()
+    try:
+        assert ready.wait(WAIT)
+        wait_for_handler(process.pid)
+        path = _dumps.file_for(process.pid)
+        assert path is not None
+        assert "in sleep_in_a_named_function" in _stacks.capture(
+            {process.pid: path}, send=os.kill
+        ).get(process.pid, "")
+        first = os.path.getsize(path)
+
+        def late(pid: int, signum: int) -> None:
+            threading.Timer(0.2, os.kill, (pid, signum)).start()
+
+        again = _stacks.capture({process.pid: path}, send=late)
+        assert "in sleep_in_a_named_function" in again.get(process.pid, "")
+        assert os.path.getsize(path) > first
     finally:
         process.kill()
         process.join(WAIT)
