@@ -693,7 +693,7 @@ print(json.dumps({"start": started, "done": done, "idle_ticks": idle}))
 _DUMPS_SAMPLE = """
 import multiprocessing.spawn, sys, time
 start = time.perf_counter()
-import pytest_procsafe
+import pytest_procsafe._imports  # the module map's rider, unpickled first in every child
 package = time.perf_counter()
 from pytest_procsafe import _dumps
 imported = time.perf_counter()
@@ -735,8 +735,9 @@ def bench_dumps(sizes: Sizes, work: Path) -> list[Result]:
             f"median of {len(imports)} fresh interpreters: importing _dumps "
             f"{statistics.median(imports):.3f} ms and installing the handler "
             f"{statistics.median(installs):.3f} ms (a fork child: the install only), "
-            f"beyond the package's import, which every procsafe spawn/forkserver child "
-            f"does for the module map: {statistics.median(packages):.3f} ms",
+            f"beyond what the module map's rider imports first in every procsafe "
+            f"spawn/forkserver child (the package, `_imports`, `_spawnhook`): "
+            f"{statistics.median(packages):.3f} ms",
         )
     ]
 
