@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -29,7 +30,10 @@ def wait_for_handler(pid: int) -> None:
         time.sleep(0.01)
 
 
-def test_a_plain_process_of_every_method_shows_where_it_is(mp_context: BaseContext) -> None:
+@pytest.fixture
+def sleeping(mp_context: BaseContext) -> Iterator[tuple[int, str]]:
+    """A plain process of the test's start method asleep in a named function, its handler
+    installed: (its pid, its dump file)."""
     ready = mp_context.Event()
     process: Any = mp_context.Process(  # type: ignore[attr-defined]
         target=sleep_in_a_named_function, args=(ready, WAIT)
@@ -40,42 +44,33 @@ def test_a_plain_process_of_every_method_shows_where_it_is(mp_context: BaseConte
         wait_for_handler(process.pid)
         path = _dumps.file_for(process.pid)
         assert path is not None
-        dumps = _stacks.capture({process.pid: path}, send=os.kill)
-        assert "in sleep_in_a_named_function" in dumps[process.pid]
+        yield process.pid, path
     finally:
         process.kill()
         process.join(WAIT)
+
+
+def test_a_plain_process_of_every_method_shows_where_it_is(sleeping: tuple[int, str]) -> None:
+    pid, path = sleeping
+    dumps = _stacks.capture({pid: path}, send=os.kill)
+    assert "in sleep_in_a_named_function" in dumps[pid]
 
 
 def test_a_second_dump_is_waited_for_even_when_its_handler_is_slow(
-    mp_context: BaseContext,
+    sleeping: tuple[int, str],
 ) -> None:
     """The file already holds the first dump: only what the second request adds counts,
     however late the process gets to it."""
-    ready = mp_context.Event()
-    process: Any = mp_context.Process(  # type: ignore[attr-defined]
-        target=sleep_in_a_named_function, args=(ready, WAIT)
-    )
-    process.start()
-    try:
-        assert ready.wait(WAIT)
-        wait_for_handler(process.pid)
-        path = _dumps.file_for(process.pid)
-        assert path is not None
-        assert "in sleep_in_a_named_function" in _stacks.capture(
-            {process.pid: path}, send=os.kill
-        ).get(process.pid, "")
-        first = os.path.getsize(path)
+    pid, path = sleeping
+    assert "in sleep_in_a_named_function" in _stacks.capture({pid: path}, send=os.kill)[pid]
+    first = os.path.getsize(path)
 
-        def late(pid: int, signum: int) -> None:
-            threading.Timer(0.2, os.kill, (pid, signum)).start()
+    def late(pid: int, signum: int) -> None:
+        threading.Timer(0.2, os.kill, (pid, signum)).start()
 
-        again = _stacks.capture({process.pid: path}, send=late)
-        assert "in sleep_in_a_named_function" in again.get(process.pid, "")
-        assert os.path.getsize(path) > first
-    finally:
-        process.kill()
-        process.join(WAIT)
+    again = _stacks.capture({pid: path}, send=late)
+    assert "in sleep_in_a_named_function" in again.get(pid, "")
+    assert os.path.getsize(path) > first
 
 
 def test_a_process_that_is_not_python_is_not_signalled() -> None:
