@@ -21,6 +21,7 @@ Imported inside workers too (with the channels): no pytest, no plugin.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import sys
@@ -44,6 +45,10 @@ _LONG_SIZE: Final = struct.Struct("!Q")
 NOWAIT: Final[int | None] = getattr(os, "RWF_NOWAIT", None) if sys.platform == "linux" else None
 
 
+class CannotReadNow(Exception):
+    """This kernel cannot read this descriptor without waiting (nothing was read)."""
+
+
 def read_now(fd: int, header: bytearray) -> bytes | None:
     """The next message on *fd* if its header can be read without waiting, else None.
 
@@ -51,13 +56,17 @@ def read_now(fd: int, header: bytearray) -> bytes | None:
     Once a header is there, the rest is read as ``Connection.recv_bytes`` reads it,
     waiting for the writer to finish the message, and the end of file gives the same
     errors: `EOFError` before a message, `OSError` within one. A kernel that cannot read
-    this descriptor without waiting raises `OSError` (``EOPNOTSUPP``) before anything is
-    read.
+    this descriptor without waiting (``EOPNOTSUPP``, ``EINVAL``) raises `CannotReadNow`
+    before anything is read: poll, then read, from then on.
     """
     try:
         got = os.preadv(fd, (header,), -1, NOWAIT)  # type: ignore[arg-type]  # None: never called
     except BlockingIOError:
         return None
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise CannotReadNow from error
+        raise
     if got < 4:
         if not got:
             raise EOFError

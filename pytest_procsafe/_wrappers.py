@@ -13,7 +13,6 @@ Imported inside workers too (when a channel is unpickled there): no pytest, no p
 
 from __future__ import annotations
 
-import errno
 import math
 import multiprocessing.queues
 import select
@@ -32,6 +31,7 @@ from typing import final
 
 from pytest_procsafe import _seconds
 from pytest_procsafe._frames import NOWAIT
+from pytest_procsafe._frames import CannotReadNow
 from pytest_procsafe._frames import Skipper
 from pytest_procsafe._frames import read_now
 from pytest_procsafe._timeouts import DEFAULT
@@ -187,9 +187,7 @@ class ProcsafeConnection:
         if header is not None and not conn.closed and conn.readable:
             try:
                 data = read_now(conn.fileno(), header)
-            except OSError as error:
-                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
+            except CannotReadNow:
                 self._header = None  # this kernel cannot, on this end: poll, then read
             else:
                 if data is not None:
@@ -357,9 +355,7 @@ class ProcsafeQueue(_QueueBase):
                 return None
             try:
                 data = read_now(reader.fileno(), header)  # type: ignore[arg-type]  # not None
-            except OSError as error:
-                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
+            except CannotReadNow:
                 self._procsafe_header = None  # this kernel cannot: poll, then read
                 return None
             if data is not None:

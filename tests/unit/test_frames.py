@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from pytest_procsafe import _wrappers
 from pytest_procsafe._frames import NOWAIT
 from pytest_procsafe._frames import read_now
 from pytest_procsafe._timeouts import ChannelTimeout
@@ -202,11 +201,11 @@ def test_a_kernel_that_cannot_read_without_waiting_gets_poll_then_read(
     reader, writer = ends
     calls: list[int] = []
 
-    def unsupported(fd: int, scratch: bytearray) -> bytes | None:
+    def unsupported(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
         calls.append(fd)
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(_wrappers, "read_now", unsupported)
+    monkeypatch.setattr(os, "preadv", unsupported)
     end = ProcsafeConnection(reader, label="pipe", watch=Watch(PROMPTLY))
     end._header = bytearray(4)  # as on a platform that has the flag
     writer.send(1)
@@ -221,10 +220,10 @@ def test_other_read_errors_are_the_callers(
 ) -> None:
     reader, _ = ends
 
-    def broken(fd: int, scratch: bytearray) -> bytes | None:
+    def broken(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(_wrappers, "read_now", broken)
+    monkeypatch.setattr(os, "preadv", broken)
     end = ProcsafeConnection(reader, label="pipe", watch=Watch(PROMPTLY))
     end._header = bytearray(4)
     with pytest.raises(OSError, match=os.strerror(errno.EIO)) as caught:
@@ -297,11 +296,11 @@ def test_a_queue_on_a_kernel_that_cannot_read_without_waiting(
 ) -> None:
     calls: list[int] = []
 
-    def unsupported(fd: int, scratch: bytearray) -> bytes | None:
+    def unsupported(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
         calls.append(fd)
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(_wrappers, "read_now", unsupported)
+    monkeypatch.setattr(os, "preadv", unsupported)
     queue._procsafe_header = bytearray(4)
     for item in (1, 2):
         queue.put(item)
