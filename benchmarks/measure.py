@@ -9,6 +9,8 @@ import dataclasses
 import datetime
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,6 +91,28 @@ def pytest_cmd(*args: str, script: bool = False) -> list[str]:
     """``python -m pytest ...``, or with *script* the ``pytest`` console script."""
     launcher = [str(SCRIPT)] if script else [sys.executable, "-m", "pytest"]
     return [*launcher, "-q", "-p", "no:cacheprovider", *args]
+
+
+def instructions(cmd: Sequence[str], cwd: Path) -> int | None:
+    """The instructions one run of *cmd* executes (``valgrind --tool=callgrind``, the
+    suites' environment); None without valgrind, or when the run or the count failed."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        return None
+    try:
+        done = subprocess.run(
+            [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
+            check=False,
+            cwd=cwd,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    return int(found.group(1)) if done.returncode == 0 and found else None
 
 
 @dataclasses.dataclass(frozen=True)

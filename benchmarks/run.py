@@ -41,6 +41,7 @@ from measure import abba
 from measure import at_most
 from measure import compare
 from measure import env
+from measure import instructions
 from measure import log
 from measure import machine
 from measure import pytest_cmd
@@ -68,6 +69,7 @@ class Sizes:
     starts: int  # process starts of each variant, per start method, in the pickling case
     interpreters: int  # fresh interpreters per case that starts them (guardian, dumps)
     guardian_idle: float  # seconds each of them leaves its guardian idle
+    count_instructions: bool  # the fixed case also counts instructions (valgrind, if any)
 
 
 FULL = Sizes(
@@ -84,6 +86,7 @@ FULL = Sizes(
     starts=60,
     interpreters=20,
     guardian_idle=2.0,
+    count_instructions=True,
 )
 QUICK = Sizes(
     trivial=300,
@@ -99,6 +102,7 @@ QUICK = Sizes(
     starts=3,
     interpreters=2,
     guardian_idle=0.2,
+    count_instructions=False,
 )
 
 
@@ -260,24 +264,34 @@ def bench_fixed(sizes: Sizes, work: Path) -> list[Result]:
     any plugin, is not procsafe's."""
     (work / "test_one.py").write_text("def test_one():\n    pass\n")
     (work / "pytest.ini").write_text("[pytest]\n")
-    pair = compare(
-        pytest_cmd("-p", "no:procsafe", "-p", "bench_noop", "test_one.py"),
-        pytest_cmd("-p", "procsafe", "--procsafe-leaks=warn", "test_one.py"),
-        work,
-        sizes.repeats * 3,
-    )
+    base_cmd = pytest_cmd("-p", "no:procsafe", "-p", "bench_noop", "test_one.py")
+    variant_cmd = pytest_cmd("-p", "procsafe", "--procsafe-leaks=warn", "test_one.py")
+    pair = compare(base_cmd, variant_cmd, work, sizes.repeats * 3)
     log("fixed", pair.samples)
     extra = (pair.variant.wall - pair.base.wall) * 1000
     cpu = (pair.variant.cpu - pair.base.cpu) * 1000
+    detail = (
+        f"a one-test run: {pair.variant.wall * 1000:.0f} ms vs {pair.base.wall * 1000:.0f} ms "
+        f"without (CPU +{cpu:.0f} ms), medians of {sizes.repeats * 3}; base runs spread "
+        f"{pair.spread:.0%}"
+    )
+    if sizes.count_instructions:
+        # What no other guest of the host moves: the instructions of one run of each.
+        counted = [instructions(cmd, work) for cmd in (base_cmd, variant_cmd)]
+        if None not in counted:
+            base_count, variant_count = (count / 1e6 for count in counted if count is not None)
+            log("fixed instructions", {"base": [base_count], "procsafe": [variant_count]})
+            detail += (
+                f"; instructions (callgrind): {variant_count:.1f} M vs {base_count:.1f} M "
+                f"without, +{variant_count - base_count:.1f} M"
+            )
     result = Result(
         "procsafe's fixed cost per pytest process, leaks=warn",
         round(extra, 1),
         "ms",
         "<= 10 ms",
         extra <= 10,
-        f"a one-test run: {pair.variant.wall * 1000:.0f} ms vs {pair.base.wall * 1000:.0f} ms "
-        f"without (CPU +{cpu:.0f} ms), medians of {sizes.repeats * 3}; base runs spread "
-        f"{pair.spread:.0%}",
+        detail,
     )
     return [pair.mark(result)]
 
