@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Collection
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from typing import Literal
 from pytest_procsafe import _dumps
 from pytest_procsafe import _escalate
 from pytest_procsafe import _holders
+from pytest_procsafe import _seconds
 from pytest_procsafe import _stacks
 from pytest_procsafe._escalate import depth_order
 from pytest_procsafe._proctable import LINUX
@@ -147,15 +147,13 @@ def wait_gone(
     handles: Mapping[int, object] | None = None,
 ) -> list[Proc]:
     """Reap and wait until none of *procs* is left or *timeout* passes; return the rest."""
-    deadline = time.monotonic() + timeout
-    pause = 0.001
-    while True:
+    left = list(procs)
+    for _ in _seconds.backoff(timeout):
         reap(procs, root, handles)
         left = remaining(procs)
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(pause * 2, 0.05)
+        if not left:
+            break
+    return left
 
 
 def dies_on_sigterm(pid: int) -> bool:

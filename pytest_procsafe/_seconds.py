@@ -11,6 +11,8 @@ Imported inside workers (through shared state): no pytest, no plugin.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
 
 
 class SecondsError(ValueError):
@@ -69,3 +71,17 @@ def check(what: str, value: object, *, allow_zero: bool = True, text: bool = Fal
 def fmt(value: float) -> str:
     """``30s``, ``0.25s``, ``12.5s``: how durations read in every message."""
     return f"{value:g}s"
+
+
+def backoff(timeout: float, *, first: float = 0.001, most: float = 0.05) -> Iterator[None]:
+    """The looks of a wait of at most *timeout* seconds: one at once, then one after each
+    sleep, the sleeps doubling from *first* up to *most*; the last sleep ends when
+    *timeout* has passed, and one last look follows it. Stop iterating when the wait is
+    over."""
+    deadline = time.monotonic() + timeout
+    pause = first
+    yield
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, most)
+        yield

@@ -46,6 +46,7 @@ from typing import NamedTuple
 from typing import final
 
 from pytest_procsafe import _owned
+from pytest_procsafe import _seconds
 from pytest_procsafe._ledger import Ledger
 from pytest_procsafe._registrations import Registrations
 
@@ -289,20 +290,17 @@ class SegmentWatch:
         once none is left); elsewhere nothing tells: all of them, at once."""
         if not self.listing:
             return segments
-        deadline = time.monotonic() + GRACE
-        pause = 0.002
-        while True:
+        for _ in _seconds.backoff(GRACE, first=0.002):
             left = []
             for segment in segments:
                 if os.path.lexists(os.path.join(SHM_DIR, segment.entry)):
                     left.append(segment)
                 else:
                     self._forget(segment.entry)
-            if not left or time.monotonic() >= deadline:
-                return left
             segments = left
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            if not segments:
+                break
+        return segments
 
     def give(self, owner: object, segment: Segment) -> None:
         """Hand *segment* to *owner*: it is checked again when *owner* is."""

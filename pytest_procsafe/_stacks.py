@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from collections.abc import Mapping
 
+from pytest_procsafe import _seconds
+
 TYPE_CHECKING = False  # no typing at run time: a spawn child imports this (`_notyping`)
 if TYPE_CHECKING:
     from typing import Final
@@ -67,11 +69,9 @@ def capture(
     for pid in asked:
         send(pid, SIGNAL)
     sizes = dict.fromkeys(asked, -1)
-    deadline = time.monotonic() + WAIT
-    pause = 0.001
-    while sizes and time.monotonic() < deadline:
-        time.sleep(pause)
-        pause = min(pause * 2, 0.02)
+    for _ in _seconds.backoff(WAIT, most=0.02):
+        if not sizes:
+            break
         if pump is not None:
             pump()
         for pid in list(sizes):

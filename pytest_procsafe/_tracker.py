@@ -486,7 +486,7 @@ class _Idle:
     def __init__(self, root: int) -> None:
         self._root = root
         # pid -> its fingerprint at the last look (`_proctable.activity`); None: busy then.
-        self._marks: dict[int, tuple[object, ...]] | None = None
+        self._marks: dict[int, tuple[object, ...] | None] | None = None
         self._since = time.monotonic()
 
     def settled(self, found: list[Found]) -> bool:
@@ -499,11 +499,9 @@ class _Idle:
             marks[self._root] = _proctable.activity(self._root, skip=threading.get_native_id())
         now = time.monotonic()
         last = self._marks
-        if last is None or any(
-            last.get(pid) != mark or mark is None for pid, mark in marks.items()
-        ):
-            busy = any(mark is None for mark in marks.values())
-            self._marks = None if busy else {pid: m for pid, m in marks.items() if m is not None}
+        busy = None in marks.values()
+        if busy or last is None or any(last.get(pid) != mark for pid, mark in marks.items()):
+            self._marks = None if busy else marks
             self._since = now
             return False
         return now - self._since >= IDLE

@@ -7,6 +7,7 @@ identical pipe: the same bytes, or the same kind of error at the end of file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import multiprocessing
 import os
@@ -72,6 +73,17 @@ READERS = [
 ]
 
 
+@contextlib.contextmanager
+def in_a_thread(target: Callable[..., object], *args: object) -> Iterator[None]:
+    """*target* runs in a thread while the block does (a writer for the reader)."""
+    thread = threading.Thread(target=target, args=args)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(PROMPTLY)
+
+
 @pytest.fixture(params=[True, False], ids=["socketpair", "pipe"])
 def ends(
     request: pytest.FixtureRequest,
@@ -132,12 +144,8 @@ def test_once_a_header_began_the_rest_is_waited_for(
         time.sleep(0.1)
         os.write(writer.fileno(), b"cd")
 
-    thread = threading.Thread(target=rest)
-    thread.start()
-    try:
+    with in_a_thread(rest):
         assert read_now(reader.fileno(), bytearray(4)) == b"abcd"
-    finally:
-        thread.join(PROMPTLY)
 
 
 @needs_nowait
@@ -146,16 +154,12 @@ def test_a_message_bigger_than_the_pipe_is_read_whole(
 ) -> None:
     reader, writer = ends
     payload = os.urandom(BIG)
-    thread = threading.Thread(target=writer.send_bytes, args=(payload,))
-    thread.start()
-    try:
+    with in_a_thread(writer.send_bytes, payload):
         deadline = time.monotonic() + PROMPTLY
         got = None
         while got is None and time.monotonic() < deadline:
             got = read_now(reader.fileno(), bytearray(4))
         assert got == payload
-    finally:
-        thread.join(PROMPTLY)
 
 
 @needs_nowait
