@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable
 from collections.abc import Mapping
 
-from pytest_procsafe import _seconds
-
 TYPE_CHECKING = False  # no typing at run time: a spawn child imports this (`_notyping`)
 if TYPE_CHECKING:
     from typing import Final
@@ -68,6 +66,8 @@ def capture(
     start = {pid: max(_size(files[pid]), 0) for pid in asked}
     for pid in asked:
         send(pid, SIGNAL)
+    from pytest_procsafe import _seconds  # the test process's side: loaded there already
+
     sizes = dict.fromkeys(asked, -1)
     for _ in _seconds.backoff(WAIT, most=0.02):
         if not sizes:
